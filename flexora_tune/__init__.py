@@ -1,0 +1,53 @@
+"""flexora_tune: choose which transformer blocks get LoRA (Flexora), as a Ray Tune plugin.
+
+The core (blocks, tasks, fine-tuning, the Flexora search) is plain PyTorch + peft and imports no Ray;
+the Ray Tune pieces load on first use.
+"""
+
+from .blocks import BlockLayout, BlockSelection, LoraPlacementError, find_blocks
+from .finetune import FinetuneResult, FinetuneSettings, LoraSettings, finetune
+from .models import ModelNotFoundError, load_model
+from .tasks import TaskData, TaskError, TaskSpec, load_task
+
+__version__ = "0.1.0"
+
+# Names whose modules import Ray (or are heavy): resolved on first access, so `import flexora_tune`
+# works on a machine without Ray.
+_LAZY = {
+    "search_layers": "flexora",
+    "run_pipeline": "flexora",
+    "SelectionResult": "flexora",
+    "SearchSettings": "flexora",
+    "trainable": "trainable",
+    "FlexoraSearcher": "search",
+    "RandomLayerSearcher": "search",
+    "StaticLayerSearcher": "search",
+    "tpe_searcher": "search",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'flexora_tune' has no attribute {name!r}")
+
+
+__all__ = [
+    *_LAZY,
+    "BlockLayout",
+    "BlockSelection",
+    "FinetuneResult",
+    "FinetuneSettings",
+    "LoraPlacementError",
+    "LoraSettings",
+    "ModelNotFoundError",
+    "TaskData",
+    "TaskError",
+    "TaskSpec",
+    "find_blocks",
+    "finetune",
+    "load_model",
+    "load_task",
+]

@@ -1,0 +1,259 @@
+"""Transformer blocks: finding them in any common HF model, the block-selection value type, and peft LoRA
+configs restricted to a selection (built and verified)."""
+
+from __future__ import annotations
+
+import json
+import numbers
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from peft import LoraConfig
+from torch import nn
+
+# Attention query/value projections per family: the method's reference targets (q_proj, v_proj) and
+# their counterparts elsewhere. Fused projections (GPT-2 c_attn, NeoX query_key_value) stand alone.
+_PREFERRED_TARGETS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "v_proj"),
+    ("query", "value"),
+    ("q_lin", "v_lin"),
+    ("query_key_value",),
+    ("c_attn",),
+    ("qkv_proj",),
+    ("Wqkv",),
+    ("W_pack",),
+)
+
+
+class BlockDiscoveryError(ValueError):
+    """The model has no recognisable stack of repeated transformer blocks."""
+
+
+class LoraPlacementError(RuntimeError):
+    """peft placed LoRA somewhere other than exactly the selected blocks and target modules."""
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a model's repeated transformer blocks live and which modules inside them LoRA targets.
+
+    `path` is the dotted attribute path of the block list (e.g. ``model.layers``), `pattern` its last
+    component, which is what peft's ``layers_pattern`` matches.
+    """
+
+    path: str
+    num_blocks: int
+    target_modules: tuple[str, ...]
+    linear_modules: tuple[str, ...]
+
+    @property
+    def pattern(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def find_blocks(model: nn.Module) -> BlockLayout:
+    """Find the longest `nn.ModuleList` of same-typed blocks that contain linear layers.
+
+    Works for Llama/Mistral/Qwen2 (``model.layers``), GPT-2 (``transformer.h``), GPT-NeoX
+    (``gpt_neox.layers``), BERT/MiniLM (``encoder.layer``), DistilBERT (``transformer.layer``) and any
+    other family laid out the same way. A peft-wrapped model is unwrapped first.
+    """
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in root.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0 or not name:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not any(_is_linear(m) for m in module[0].modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise BlockDiscoveryError(
+            f"No repeated transformer blocks found in {type(root).__name__}: expected an nn.ModuleList of "
+            "identical blocks containing linear layers (e.g. model.layers, transformer.h, encoder.layer). "
+            "Pass target_modules and a model whose blocks live in such a list."
+        )
+    path, blocks = best
+    linear_names = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules() if name and _is_linear(m)}
+    )
+    targets = next(
+        (group for group in _PREFERRED_TARGETS if all(t in linear_names for t in group)), tuple(linear_names)
+    )
+    return BlockLayout(
+        path=path, num_blocks=len(blocks), target_modules=tuple(targets), linear_modules=tuple(linear_names)
+    )
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """A non-empty, sorted set of block indices out of `num_blocks_total` blocks.
+
+    The one value every strategy proposes and every fine-tune consumes; converts to and from a peft
+    `LoraConfig` (``layers_to_transform``) and JSON.
+    """
+
+    blocks: tuple[int, ...]
+    num_blocks_total: int
+
+    def __post_init__(self) -> None:
+        total = self.num_blocks_total
+        if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total < 1:
+            raise ValueError(f"num_blocks_total must be a positive int, got {total!r}")
+        items = list(self.blocks)
+        for b in items:
+            if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+                raise TypeError(f"block indices must be ints, got {b!r} ({type(b).__name__})")
+        items = [int(b) for b in items]
+        if not items:
+            raise ValueError("a block selection must contain at least one block (an empty LoRA trains nothing)")
+        dupes = sorted({b for b in items if items.count(b) > 1})
+        if dupes:
+            raise ValueError(f"duplicate block indices {dupes}; list each block once")
+        bad = [b for b in items if not 0 <= b < total]
+        if bad:
+            raise ValueError(
+                f"block indices {bad} out of range: the model has {total} blocks, valid indices are 0..{total - 1}"
+            )
+        object.__setattr__(self, "blocks", tuple(sorted(items)))
+        object.__setattr__(self, "num_blocks_total", int(total))
+
+    @classmethod
+    def all(cls, num_blocks_total: int) -> BlockSelection:
+        return cls(range(num_blocks_total), num_blocks_total)
+
+    @classmethod
+    def from_mask(cls, mask: Sequence[int | bool]) -> BlockSelection:
+        """From a 0/1 per-block mask, the encoding Ray Tune search spaces use."""
+        return cls([i for i, on in enumerate(mask) if on], len(mask))
+
+    @property
+    def mask(self) -> tuple[int, ...]:
+        chosen = set(self.blocks)
+        return tuple(int(i in chosen) for i in range(self.num_blocks_total))
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def jaccard(self, other: BlockSelection) -> float:
+        a, b = set(self.blocks), set(other.blocks)
+        return len(a & b) / len(a | b)
+
+    def to_dict(self) -> dict:
+        return {"blocks": list(self.blocks), "num_blocks_total": self.num_blocks_total}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> BlockSelection:
+        try:
+            data = json.loads(text)
+            return cls(data["blocks"], data["num_blocks_total"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"not a block selection JSON ({exc}); expected {{\"blocks\": [...], \"num_blocks_total\": L}}"
+            ) from exc
+
+    def to_lora_config(
+        self,
+        layout: BlockLayout | None = None,
+        *,
+        target_modules: Sequence[str] | None = None,
+        layers_pattern: str | None = None,
+        r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        task_type: str | None = None,
+        **kwargs,
+    ) -> LoraConfig:
+        """A peft `LoraConfig` with LoRA on exactly these blocks (``layers_to_transform``).
+
+        Give the model's `layout` (from `find_blocks`) or `target_modules` and `layers_pattern` directly;
+        the defaults are the method's reference settings (r 8, alpha 16, dropout 0).
+        """
+        if layout is not None:
+            if layout.num_blocks != self.num_blocks_total:
+                raise ValueError(
+                    f"selection is for {self.num_blocks_total} blocks but the model has {layout.num_blocks}"
+                )
+            target_modules = target_modules or layout.target_modules
+            layers_pattern = layers_pattern or layout.pattern
+        if not target_modules:
+            raise ValueError("target_modules is required: pass the model's BlockLayout or name the modules")
+        return LoraConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=list(target_modules),
+            layers_to_transform=list(self.blocks),
+            layers_pattern=layers_pattern,
+            task_type=task_type,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_lora_config(cls, config: LoraConfig, num_blocks_total: int) -> BlockSelection:
+        """The selection a `LoraConfig` encodes; ``layers_to_transform=None`` means every block."""
+        layers = config.layers_to_transform
+        if layers is None:
+            return cls.all(num_blocks_total)
+        return cls([layers] if isinstance(layers, int) else layers, num_blocks_total)
+
+
+def lora_placement(model: nn.Module, layout: BlockLayout) -> dict[int, set[str]]:
+    """Block index -> names of target modules (leaf names) that carry LoRA in a peft model."""
+    from peft.tuners.lora import LoraLayer
+
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    block_re = re.compile(rf"^{re.escape(layout.path)}\.(\d+)\.(.+)$")
+    placed: dict[int, set[str]] = {}
+    for name, module in root.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        match = block_re.match(name)
+        if match is None:
+            raise LoraPlacementError(f"LoRA landed outside the transformer blocks, on {name!r}")
+        placed.setdefault(int(match.group(1)), set()).add(match.group(2).rsplit(".", 1)[-1])
+    return placed
+
+
+def verify_lora_placement(
+    model: nn.Module, layout: BlockLayout, selection: BlockSelection, target_modules: Sequence[str]
+) -> None:
+    """Raise `LoraPlacementError` unless LoRA sits on exactly the selected blocks and every target module.
+
+    peft silently matches nothing (or everything) when `layers_pattern` or `target_modules` do not fit a
+    model; this check turns that into an error instead of a silent empty or full adaptation.
+    """
+    placed = lora_placement(model, layout)
+    wanted = set(selection.blocks)
+    if set(placed) != wanted:
+        raise LoraPlacementError(
+            f"LoRA is on blocks {sorted(placed)} but the selection is {sorted(wanted)} "
+            f"(layers_pattern {layout.pattern!r}, target_modules {list(target_modules)})"
+        )
+    for block, names in placed.items():
+        if names != set(target_modules):
+            raise LoraPlacementError(
+                f"block {block} has LoRA on {sorted(names)} but the target modules are {sorted(target_modules)}"
+            )
+
+
+def attach_lora(model: nn.Module, selection: BlockSelection, lora_config: LoraConfig, layout: BlockLayout):
+    """Wrap `model` with fresh LoRA (A random, B zero) on exactly `selection`, and verify where it landed."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config)
+    verify_lora_placement(peft_model, layout, selection, lora_config.target_modules)
+    return peft_model

