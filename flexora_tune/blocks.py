@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import numbers
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from peft import LoraConfig

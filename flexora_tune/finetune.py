@@ -15,7 +15,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .blocks import BlockLayout, BlockSelection, attach_lora, find_blocks
 from .models import load_model, pick_device, pick_dtype
-from .objective import batches, encode, evaluate, loss_fn
+from .objective import encode, evaluate, loss_fn
 from .tasks import TaskData, TaskSpec, load_task
 
 STATE_FILE = "finetune_state.pt"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
-import tiny
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,11 +27,12 @@ def tiny_csv(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray session (2 CPUs) shared by every test that needs Ray; shut down at the end."""
+    """One local Ray session (2 CPUs, 1 logical GPU so GPU scheduling is testable without a device) shared
+    by every test that needs Ray; shut down at the end."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
     yield ray
     ray.shutdown()

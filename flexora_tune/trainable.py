@@ -1,0 +1,234 @@
+"""The one Ray Tune function trainable: a Flexora search trial or a fine-tune of one block subset."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from .blocks import BlockSelection
+from .finetune import FinetuneSettings, settings_from
+from .search.encoding import BLOCKS_KEY, LAYERS_KEY, format_blocks, num_blocks_of, selection_from_config
+from .tasks import TaskData, load_task
+
+Stage = Literal["search", "finetune"]
+IDENTITY_KEYS = ("model", "task", "seed", "stage", "strategy", "variant")
+SUBSET_KEYS = (LAYERS_KEY, BLOCKS_KEY)
+STAGE_OVERRIDE_KEYS = ("search", "finetune")
+FINETUNE_METRICS = ("val_accuracy", "val_loss", "test_accuracy", "train_loss")
+NAN = float("nan")
+SELECTION_FILE = "selection.json"
+_CURVES = ("trajectory_steps", "alpha_trajectory", "val_loss_curve", "train_loss_curve")
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
+def _search_settings_fields() -> frozenset[str]:
+    from .flexora import SearchSettings
+
+    return _field_names(SearchSettings)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """A trial config, validated: which stage runs, on what, and with which stage settings.
+
+    `settings` holds only the keys of the running stage's settings class; keys meant for the other stage
+    (e.g. ``epochs`` in a search trial) are dropped, so one base config serves both stages. The nested
+    dicts ``config["search"]`` / ``config["finetune"]`` override settings for one stage only.
+    """
+
+    model: str = "default"
+    task: str | Mapping[str, Any] = "default"
+    seed: int = 0
+    stage: Stage = "finetune"
+    strategy: str | None = None
+    variant: str = ""
+    selection: BlockSelection | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The strategy name reported with every result."""
+        if self.strategy:
+            return self.strategy
+        return "flexora" if self.stage == "search" else ("all" if self.selection is None else "given")
+
+
+def parse_config(config: Mapping[str, Any], num_blocks: int | None = None) -> TrialConfig:
+    """Validate a Tune config and split it into identity, subset and stage settings.
+
+    Raises a `ValueError`/`TypeError` naming any key no stage knows. `num_blocks` (the model's L) is read
+    from the model config when a ``blocks`` list needs it and it is not given.
+    """
+    config = dict(config)
+    stage = config.get("stage", "finetune")
+    if stage not in ("search", "finetune"):
+        raise ValueError(f"config['stage'] must be 'search' or 'finetune', got {stage!r}")
+    seed = config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"config['seed'] must be an int, got {seed!r}")
+    finetune_keys = _field_names(FinetuneSettings)
+    try:
+        search_keys = _search_settings_fields()
+    except ImportError:  # the Flexora search is optional for fine-tune-only sweeps
+        search_keys = frozenset()
+    own, other = (search_keys, finetune_keys) if stage == "search" else (finetune_keys, search_keys)
+    settings = {k: v for k, v in config.items() if k in own}
+    overrides = config.get(stage) or {}
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"config[{stage!r}] must be a dict of {stage} settings: {type(overrides).__name__}")
+    bad = sorted(set(overrides) - own)
+    if bad:
+        raise ValueError(f"unknown {stage} setting(s) {bad} in config[{stage!r}]; valid: {sorted(own)}")
+    settings.update(overrides)
+    reserved = {*IDENTITY_KEYS, *SUBSET_KEYS, *STAGE_OVERRIDE_KEYS}
+    unknown = sorted(k for k in config if k not in reserved and k not in own and k not in other)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {unknown}: the trainable takes {sorted(reserved)}, fine-tune settings "
+            f"{sorted(finetune_keys)} and search settings {sorted(search_keys)}"
+        )
+    selection = None
+    if stage == "finetune":
+        needs_l = num_blocks is None and config.get(BLOCKS_KEY) is not None
+        total = num_blocks_of(config.get("model", "default")) if needs_l else num_blocks
+        selection = selection_from_config(config, total)
+    elif any(config.get(k) is not None for k in SUBSET_KEYS):
+        raise ValueError("a search trial (stage 'search') chooses its own blocks: drop 'layers'/'blocks'")
+    strategy = config.get("strategy")
+    return TrialConfig(
+        model=config.get("model", "default"), task=config.get("task", "default"), seed=seed, stage=stage,
+        strategy=str(strategy) if strategy else None, variant=str(config.get("variant") or ""),
+        selection=selection, settings=settings,
+    )
+
+
+def planned_steps(train_size: int, settings: FinetuneSettings) -> int:
+    """The number of optimizer steps `finetune` runs for a training set of `train_size` examples."""
+    n = min(train_size, settings.max_train_examples) if settings.max_train_examples else train_size
+    total = settings.epochs * math.ceil(n / settings.batch_size)
+    return min(total, settings.max_steps) if settings.max_steps else total
+
+
+def ray_runtime_settings() -> dict[str, Any]:
+    """torch threads = the CPUs Ray assigned this trial; device ``cuda`` when Ray assigned a GPU (whole or
+    fractional) and CUDA works here. Oversubscribed threads make each step several times slower."""
+    import ray
+    import torch
+
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    settings: dict[str, Any] = {"threads": max(1, int(assigned.get("CPU", 1) or 1))}
+    settings["device"] = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    return settings
+
+
+def _report(metrics: dict[str, Any], save_state=None) -> None:
+    from ray import tune
+
+    if save_state is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="flexora_ckpt_") as directory:
+        save_state(directory)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+@contextlib.contextmanager
+def _resume_dir():
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        yield None
+    else:
+        with checkpoint.as_directory() as directory:
+            yield directory
+
+
+def trainable(config: dict[str, Any]) -> None:
+    """Run one trial: a Flexora search (``stage="search"``) or a LoRA fine-tune of one block subset.
+
+    Config keys: ``model`` and ``task`` (names, paths, or a dict of `TaskSpec` fields), ``seed`` (0),
+    ``stage`` (``"finetune"``), ``strategy``/``variant`` (labels echoed in results), the subset as
+    ``layers`` = {"l00": 0/1, ...} or ``blocks`` = [i, ...] (fine-tune only; none means all blocks), any
+    `FinetuneSettings` or `SearchSettings` field (each stage keeps its own and ignores the other's), and the
+    nested dicts ``search``/``finetune`` for settings of one stage only. Unknown keys fail the trial.
+
+    Reported after every epoch / ``eval_every`` steps (fine-tune) or every ``report_every`` steps (search),
+    each report with a resumable `ray.tune.Checkpoint`:
+
+    - ``val_accuracy``, ``val_loss``, ``test_accuracy``, ``train_loss``: the fine-tune's metrics (NaN in
+      search trials, so schedulers never compare a search against a fine-tune);
+    - ``num_blocks``, ``num_blocks_total``, ``blocks`` (``"0,3,7"``), ``trainable_params``;
+    - ``compute_s``: cumulative compute seconds of this trial (excluding Ray overhead, across resumes);
+    - ``step``, ``total_steps``, ``progress`` (step / total_steps) and ``final`` (True on the last report of
+      a trial that ran to its end, False in reports an early stop cuts short);
+    - ``stage``, ``strategy``, ``variant``, ``seed``;
+    - search trials also: ``search_val_loss``, ``alpha`` (list, one per block), and in the final report
+      ``selection`` (the `SelectionResult` as JSON, without its curves; the full one is ``selection.json``
+      in that report's checkpoint).
+    """
+    trial = parse_config(config)
+    runtime = ray_runtime_settings()
+    settings = {**runtime, **trial.settings}
+    identity = {"stage": trial.stage, "strategy": trial.label, "variant": trial.variant, "seed": trial.seed}
+    if trial.stage == "search":
+        _run_search(trial, settings, identity)
+    else:
+        _run_finetune(trial, settings, identity)
+
+
+def _run_finetune(trial: TrialConfig, settings: dict[str, Any], identity: dict[str, Any]) -> None:
+    from .finetune import finetune
+
+    checked = settings_from(FinetuneSettings, settings)
+    data: TaskData = load_task(trial.task)
+    total = planned_steps(len(data.train), checked)
+
+    def on_eval(metrics: dict[str, Any], save_state) -> None:
+        blocks = trial.selection.blocks if trial.selection else tuple(range(num_total))
+        _report({**metrics, **identity, "blocks": format_blocks(blocks), "num_blocks_total": num_total,
+                 "total_steps": total, "progress": metrics["step"] / total,
+                 "final": metrics["step"] >= total}, save_state)
+
+    num_total = trial.selection.num_blocks_total if trial.selection else num_blocks_of(trial.model)
+    with _resume_dir() as resume_from:
+        finetune(trial.model, data, trial.selection, trial.seed, on_eval=on_eval, resume_from=resume_from,
+                 **settings)
+
+
+def _run_search(trial: TrialConfig, settings: dict[str, Any], identity: dict[str, Any]) -> None:
+    from .flexora import search_layers
+
+    unset = dict.fromkeys(FINETUNE_METRICS, NAN)
+
+    def on_step(metrics: dict[str, Any], save_state) -> None:
+        blocks = list(metrics.get("blocks") or [])
+        total = metrics.get("total_steps")
+        row = {**unset, **{k: v for k, v in metrics.items() if k not in ("blocks", "alpha")}, **identity,
+               "blocks": format_blocks(blocks), "num_blocks": len(blocks),
+               "alpha": [float(a) for a in metrics.get("alpha") or []], "final": False}
+        if total:
+            row["progress"] = metrics["step"] / total
+        _report(row, save_state)
+
+    with _resume_dir() as resume_from:
+        result = search_layers(trial.model, trial.task, trial.seed, on_step=on_step, resume_from=resume_from,
+                               **settings)
+
+    def save_selection(directory: str) -> None:
+        (Path(directory) / SELECTION_FILE).write_text(result.to_json())
+
+    summary = {k: v for k, v in result.to_dict().items() if k not in _CURVES}
+    _report({**unset, **identity, "blocks": format_blocks(result.blocks), "num_blocks": len(result.blocks),
+             "num_blocks_total": result.num_blocks_total, "alpha": [float(a) for a in result.alpha],
+             "compute_s": result.compute_s, "step": result.steps, "selection": json.dumps(summary),
+             "progress": 1.0, "final": True}, save_selection)
