@@ -18,7 +18,7 @@ _LAZY = {
     "run_pipeline": "flexora",
     "SelectionResult": "flexora",
     "SearchSettings": "flexora",
-    "trainable": "trainable",
+    "trainable": "tune_trainable",  # not a module named `trainable`: importing it would shadow the function
     "FlexoraSearcher": "search",
     "RandomLayerSearcher": "search",
     "StaticLayerSearcher": "search",

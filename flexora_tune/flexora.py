@@ -176,6 +176,7 @@ class SelectionResult:
     def __post_init__(self) -> None:
         self.blocks = BlockSelection(tuple(self.blocks), self.num_blocks_total).blocks
         self.target_modules = tuple(self.target_modules)
+        self.settings = json.loads(json.dumps(self.settings))
         if len(self.alpha) != self.num_blocks_total:
             raise ValueError(f"{len(self.alpha)} alpha values for {self.num_blocks_total} blocks")
 
@@ -199,7 +200,6 @@ class SelectionResult:
         data = asdict(self)
         data["blocks"] = list(self.blocks)
         data["target_modules"] = list(self.target_modules)
-        data["settings"] = json.loads(json.dumps(self.settings))
         return data
 
     def to_json(self, indent: int | None = None) -> str:
@@ -270,7 +270,8 @@ class FlexoraSearch:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         device = self.params[0].device
-        self.gates = BlockGates(layout.num_blocks, device=device)
+        dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
+        self.gates = BlockGates(layout.num_blocks, device=device, dtype=dtype)
         self.gates.attach(model, layout)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(
@@ -322,7 +323,7 @@ class FlexoraSearch:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _val_batches(self, step: int) -> list[Any]:
+    def val_batches(self, step: int) -> list[Any]:
         n = self.config.val_batches
         return [self.val_batch(step * n + i) for i in range(n)]
 
@@ -390,7 +391,7 @@ class FlexoraSearch:
     def step(self, step: int) -> tuple[float, float]:
         """Search step `step` (0-based): the LoRA step, then the gate step; returns (train, val) loss."""
         train_batch = self.train_batch(step)
-        val_batches = self._val_batches(step)
+        val_batches = self.val_batches(step)
         if self.config.hypergradient == "first_order":
             train_loss = self.lora_step(train_batch, step)
             val_loss = self.gate_grad_first_order(val_batches, step)
@@ -525,35 +526,29 @@ class FlexoraSearch:
         )
 
 
+@lru_cache(maxsize=8)
+def _val_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    items = list(range(n))
+    random.Random(f"search_val:{seed}:{epoch}").shuffle(items)
+    return tuple(items)
+
+
 def _cyclic_indices(n: int, seed: int, start: int, size: int) -> list[int]:
     """Positions start..start+size of an endless stream of seeded shuffles of range(n)."""
-
-    @lru_cache(maxsize=4)
-    def order(epoch: int) -> list[int]:
-        items = list(range(n))
-        random.Random(f"search_val:{seed}:{epoch}").shuffle(items)
-        return items
-
-    return [order(pos // n)[pos % n] for pos in range(start, start + size)]
+    return [_val_order(n, seed, pos // n)[pos % n] for pos in range(start, start + size)]
 
 
-def search_layers(
+def prepare_search(
     model: str = "default",
     task: str | dict | TaskSpec | TaskData = "default",
     seed: int = 0,
-    *,
-    on_step: OnStep | None = None,
-    resume_from: str | Path | None = None,
-    verbose: bool = False,
     **settings: Any,
-) -> SelectionResult:
-    """Search which blocks of `model` should get LoRA for `task` (Flexora, stage 1).
+) -> FlexoraSearch:
+    """Load `model` for `task`, attach seeded LoRA to every block and gate it: a search ready to `run`.
 
-    Attaches LoRA to every block, gates each block, and alternates LoRA steps on the search set (the first
-    `search_train_size` training examples, seeded order) with gate steps on the search-validation split
-    (cycled in seeded order). ``on_step(metrics, save_state)`` is called every `report_every` steps;
-    `save_state(dir)` writes a checkpoint that ``resume_from=dir`` continues exactly. Keyword `settings` are
-    the fields of `SearchSettings`. Raises FloatingPointError if a loss or alpha stops being finite.
+    The search set is the first `search_train_size` training examples (None: up to 5,000), visited in a
+    seeded order per epoch; search-validation batches cycle through the task's ``search_val`` split in a
+    seeded order. Keyword `settings` are the fields of `SearchSettings`.
     """
     config: SearchSettings = settings_from(SearchSettings, settings)
     data = task if isinstance(task, TaskData) else load_task(task)
@@ -581,13 +576,35 @@ def search_layers(
         chunk = [data.search_val[i] for i in picked]
         return encode(chunk, tokenizer, kind, max_length).to(device)
 
-    engine = FlexoraSearch(
+    return FlexoraSearch(
         session.model, session.layout, lambda m, b: loss_fn(m, b, kind), train_batch, val_batch, config,
         total_steps, seed,
         identity={"model": model, "task": data.spec.name, "target_modules": config.target_modules,
                   "task_type": "SEQ_CLS" if kind == "classification" else "CAUSAL_LM"},
     )
-    return engine.run(on_step=on_step, resume_from=resume_from, verbose=verbose)
+
+
+def search_layers(
+    model: str = "default",
+    task: str | dict | TaskSpec | TaskData = "default",
+    seed: int = 0,
+    *,
+    on_step: OnStep | None = None,
+    resume_from: str | Path | None = None,
+    verbose: bool = False,
+    **settings: Any,
+) -> SelectionResult:
+    """Search which blocks of `model` should get LoRA for `task` (Flexora, stage 1).
+
+    Attaches LoRA to every block, gates each block, and alternates LoRA steps on the search set with gate
+    steps on the search-validation split (see `prepare_search`), then applies the selection rule.
+    ``on_step(metrics, save_state)`` is called every `report_every` steps and at the end; `save_state(dir)`
+    writes a checkpoint that ``resume_from=dir`` continues exactly (same seed and settings). Keyword
+    `settings` are the fields of `SearchSettings`. Raises FloatingPointError, naming the step, if a loss or
+    alpha stops being finite.
+    """
+    search = prepare_search(model, task, seed, **settings)
+    return search.run(on_step=on_step, resume_from=resume_from, verbose=verbose)
 
 
 @dataclass

@@ -24,12 +24,14 @@ class BlockGates(nn.Module):
     are constants, computed once per alpha update instead of once per adapted module.
     """
 
-    def __init__(self, num_blocks: int, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, num_blocks: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
-        self.alpha = nn.Parameter(torch.zeros(num_blocks, device=device, dtype=torch.float32))
+        self.alpha = nn.Parameter(torch.zeros(num_blocks, device=device, dtype=dtype))
         self._handles: list[RemovableHandle] = []
         self._cached: tuple[int, torch.Tensor] | None = None
         self.placement: dict[int, list[str]] = {}

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -133,6 +134,7 @@ def ray_runtime_settings() -> dict[str, Any]:
 def _report(metrics: dict[str, Any], save_state=None) -> None:
     from ray import tune
 
+    metrics = {**metrics, "report_time": time.time()}
     if save_state is None:
         tune.report(metrics)
         return
@@ -171,7 +173,8 @@ def trainable(config: dict[str, Any]) -> None:
     - ``compute_s``: cumulative compute seconds of this trial (excluding Ray overhead, across resumes);
     - ``step``, ``total_steps``, ``progress`` (step / total_steps) and ``final`` (True on the last report of
       a trial that ran to its end, False in reports an early stop cuts short);
-    - ``stage``, ``strategy``, ``variant``, ``seed``;
+    - ``stage``, ``strategy``, ``variant``, ``seed``, ``device``, ``threads`` (what the trial ran on), and
+      ``start_time``/``report_time`` (epoch seconds: when the trial started, when this was reported);
     - search trials also: ``search_val_loss``, ``alpha`` (list, one per block), and in the final report
       ``selection`` (the `SelectionResult` as JSON, without its curves; the full one is ``selection.json``
       in that report's checkpoint).
@@ -179,7 +182,8 @@ def trainable(config: dict[str, Any]) -> None:
     trial = parse_config(config)
     runtime = ray_runtime_settings()
     settings = {**runtime, **trial.settings}
-    identity = {"stage": trial.stage, "strategy": trial.label, "variant": trial.variant, "seed": trial.seed}
+    identity = {"stage": trial.stage, "strategy": trial.label, "variant": trial.variant, "seed": trial.seed,
+                "device": str(settings["device"]), "threads": settings["threads"], "start_time": time.time()}
     if trial.stage == "search":
         _run_search(trial, settings, identity)
     else:
