@@ -83,13 +83,14 @@ def parse_config(config: Mapping[str, Any], num_blocks: int | None = None) -> Tr
         search_keys = frozenset()
     own, other = (search_keys, finetune_keys) if stage == "search" else (finetune_keys, search_keys)
     settings = {k: v for k, v in config.items() if k in own}
-    overrides = config.get(stage) or {}
-    if not isinstance(overrides, Mapping):
-        raise TypeError(f"config[{stage!r}] must be a dict of {stage} settings: {type(overrides).__name__}")
-    bad = sorted(set(overrides) - own)
-    if bad:
-        raise ValueError(f"unknown {stage} setting(s) {bad} in config[{stage!r}]; valid: {sorted(own)}")
-    settings.update(overrides)
+    for name, valid in (("search", search_keys), ("finetune", finetune_keys)):
+        overrides = config.get(name) or {}
+        if not isinstance(overrides, Mapping):
+            raise TypeError(f"config[{name!r}] must be a dict of {name} settings: {type(overrides).__name__}")
+        bad = sorted(set(overrides) - valid)
+        if bad:
+            raise ValueError(f"unknown {name} setting(s) {bad} in config[{name!r}]; valid: {sorted(valid)}")
+    settings.update(config.get(stage) or {})
     reserved = {*IDENTITY_KEYS, *SUBSET_KEYS, *STAGE_OVERRIDE_KEYS}
     unknown = sorted(k for k in config if k not in reserved and k not in own and k not in other)
     if unknown:
@@ -163,6 +164,9 @@ def trainable(config: dict[str, Any]) -> None:
     ``layers`` = {"l00": 0/1, ...} or ``blocks`` = [i, ...] (fine-tune only; none means all blocks), any
     `FinetuneSettings` or `SearchSettings` field (each stage keeps its own and ignores the other's), and the
     nested dicts ``search``/``finetune`` for settings of one stage only. Unknown keys fail the trial.
+    Defaults are the method's reference (fine-tune: 3 epochs, lr 1e-4, r 8; search: one pass over the
+    search set); tiny test runs set e.g. ``max_steps``/``eval_every`` and ``steps``/``report_every``.
+    torch threads default to the CPUs Ray assigned the trial, the device to CUDA when it was given a GPU.
 
     Reported after every epoch / ``eval_every`` steps (fine-tune) or every ``report_every`` steps (search),
     each report with a resumable `ray.tune.Checkpoint`:
@@ -177,7 +181,10 @@ def trainable(config: dict[str, Any]) -> None:
       ``start_time``/``report_time`` (epoch seconds: when the trial started, when this was reported);
     - search trials also: ``search_val_loss``, ``alpha`` (list, one per block), and in the final report
       ``selection`` (the `SelectionResult` as JSON, without its curves; the full one is ``selection.json``
-      in that report's checkpoint).
+      in that report's checkpoint), plus the search's ``gates``, ``threshold`` and ``stable_steps``.
+
+    Every report checkpoints; keep storage bounded with ``RunConfig(checkpoint_config=CheckpointConfig(
+    num_to_keep=2))``. A restarted trial resumes from `tune.get_checkpoint()`.
     """
     trial = parse_config(config)
     runtime = ray_runtime_settings()

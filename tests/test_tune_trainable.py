@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from flexora_tune import FinetuneSettings
@@ -31,11 +33,19 @@ def test_each_stage_keeps_its_settings_and_rejects_unknown_keys():
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['epoch'\]"):
         parse_config({"epoch": 3})
     with pytest.raises(ValueError, match="unknown search setting"):
-        parse_config({"stage": "search", "search": {"epochs": 3}})
+        parse_config({"stage": "finetune", "search": {"epochs": 3}})
     with pytest.raises(ValueError, match="chooses its own blocks"):
         parse_config({"stage": "search", "layers": encode_layers([0], 2)})
     with pytest.raises(ValueError, match="'search' or 'finetune'"):
         parse_config({"stage": "train"})
+
+
+def test_trainable_is_public_and_picklable():
+    import flexora_tune
+    from flexora_tune import trainable
+
+    assert trainable is flexora_tune.trainable and callable(trainable)
+    assert pickle.loads(pickle.dumps(trainable)) is trainable
 
 
 def test_planned_steps_matches_finetune_budget():
