@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 
 def parse_blocks(text: str) -> list[int]:
@@ -50,15 +53,17 @@ def _add_model_task(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-length", type=int, help="token cut-off per example")
 
 
-def _add_training(parser: argparse.ArgumentParser) -> None:
+def _add_training(parser: argparse.ArgumentParser, single_run: bool = True) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
+    if single_run:
+        group.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
+        group.add_argument("--threads", type=int, help="torch intra-op threads")
     group.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 3)")
     group.add_argument("--max-steps", type=int, help="cap on optimizer steps")
     group.add_argument("--lr", type=float, help="LoRA learning rate (default: 1e-4)")
     group.add_argument("--batch-size", type=int, help="batch size (default: 8)")
     group.add_argument("--rank", type=int, dest="r", help="LoRA rank (default: 8)")
-    group.add_argument("--threads", type=int, help="torch intra-op threads")
+    group.add_argument("--eval-every", type=int, help="evaluate every N steps instead of after each epoch")
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
@@ -74,13 +79,89 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         from .blocks import BlockSelection
 
         blocks = list(BlockSelection.from_json(Path(args.selection).read_text()).blocks)
-    settings = _training_settings(args, ["epochs", "max_steps", "lr", "batch_size", "r", "threads", "device"])
+    settings = _training_settings(args, ["epochs", "max_steps", "lr", "batch_size", "r", "threads", "device",
+                                             "eval_every"])
     result = finetune(args.model, _task_arg(args), blocks=blocks, seed=args.seed, verbose=True, **settings)
     summary = {k: v for k, v in result.to_dict().items() if k != "history"}
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
+def _strategies(text: str) -> tuple[str, ...]:
+    from .compare import STRATEGIES
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown strategies {unknown}; choose from {','.join(STRATEGIES)}")
+    return names
+
+
+def _print_summary(out: str | Path) -> None:
+    from .report import format_summary
+
+    print(format_summary(pd.read_csv(Path(out) / "summary.csv")))
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    os.environ["FLEXORA_TUNE_COMMAND"] = "flexora-tune " + " ".join(sys.argv[1:])
+    settings = _training_settings(args, ["epochs", "max_steps", "lr", "batch_size", "r", "device", "eval_every"])
+    if args.search_steps:
+        settings["search"] = {"steps": args.search_steps}
+    compare(
+        out=args.out, model=args.model, task=_task_arg(args), strategies=args.strategies, seeds=args.seeds,
+        trials=args.trials, budget_s=args.budget_s, k=args.k, settings=settings, address=args.address,
+        storage_path=args.storage_path, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        max_concurrent=args.max_concurrent, resume=args.resume,
+    )
+    _print_summary(args.out)
+    print(f"results in {Path(args.out).resolve()}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    written = write_report(args.dir, metric=args.metric)
+    _print_summary(args.dir)
+    for path in written.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .flexora import search_layers
+
+    settings = _training_settings(args, ["lr", "batch_size", "r", "threads", "device"])
+    if args.steps:
+        settings["steps"] = args.steps
+    if args.top_k:
+        settings.update(rule="top_k", top_k=args.top_k)
+    result = search_layers(args.model, _task_arg(args), args.seed, verbose=True, **settings)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(result.to_json())
+    print(f"selected blocks {list(result.blocks)} of {result.num_blocks_total} "
+          f"({result.compute_s:.0f}s); wrote {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .blocks import BlockSelection
+    from .models import load_model_layout
+
+    text = Path(args.selection).read_text()
+    selection = BlockSelection.from_json(text)
+    layout = load_model_layout(args.model)
+    config = selection.to_lora_config(layout, target_modules=args.target_modules or None, r=args.rank,
+                                      lora_alpha=args.lora_alpha)
+    config.save_pretrained(args.out)
+    print(f"wrote {Path(args.out) / 'adapter_config.json'}: LoRA r={args.rank} on blocks {list(selection.blocks)}"
+          f" of {selection.num_blocks_total} ({', '.join(config.target_modules)})")
     return 0
 
 
@@ -102,6 +183,67 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--selection", help="a selection JSON file (from `search` or `compare`)")
     ft.add_argument("--out", help="write the result (with its per-epoch history) to this JSON file")
     ft.set_defaults(handler=_cmd_finetune)
+
+    cmp = commands.add_parser(
+        "compare", help="compare layer-selection strategies under one budget (Ray Tune)",
+        description="Run several layer-selection strategies on one model and task, with several seeds, under "
+                    "the same budget per strategy and seed, through Ray Tune on this machine or a cluster. "
+                    "Writes OUT/trials.csv, OUT/summary.csv, plots (OUT/*.png), OUT/best_selection.json and "
+                    "OUT/best_lora_config/. The winner is chosen by validation accuracy; test accuracy is "
+                    "only reported.")
+    _add_model_task(cmp)
+    _add_training(cmp, single_run=False)
+    cmp.add_argument("--strategies", type=_strategies, default=("flexora", "random", "all", "last-k"),
+                     help="comma-separated, from flexora,random,tpe,all,first-k,last-k "
+                          "(default: flexora,random,all,last-k)")
+    cmp.add_argument("--seeds", type=int, default=1, help="seeds per strategy (default: %(default)s)")
+    cmp.add_argument("--trials", type=int, default=3,
+                     help="fine-tunes per strategy and seed; static rules need one (default: %(default)s)")
+    cmp.add_argument("--budget-s", type=float, help="compute seconds per strategy and seed, searches included")
+    cmp.add_argument("--k", type=int, help="blocks for first-k, last-k and random (default: Flexora's count)")
+    cmp.add_argument("--search-steps", type=int, help="Flexora search steps (default: one pass over the search set)")
+    cmp.add_argument("--out", default="results/compare", help="results folder (default: %(default)s)")
+    ray_group = cmp.add_argument_group("Ray")
+    ray_group.add_argument("--address", help="an existing Ray cluster (e.g. auto or ray://head:10001)")
+    ray_group.add_argument("--storage-path", help="Tune storage, shared by all nodes on a cluster (s3://, gs://, NFS)")
+    ray_group.add_argument("--cpus-per-trial", type=float, default=1, help="(default: %(default)s)")
+    ray_group.add_argument("--gpus-per-trial", type=float, default=0, help="fractions pack trials (default: 0)")
+    ray_group.add_argument("--max-concurrent", type=int, help="trials at once per experiment")
+    ray_group.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --out")
+    cmp.set_defaults(handler=_cmd_compare)
+
+    rep = commands.add_parser("report", help="re-render tables and plots from a results folder (no training)",
+                              description="Rebuild summary.csv, summary.md, the plots and the best selection "
+                                          "from DIR/trials.csv alone.")
+    rep.add_argument("dir", help="a results folder written by `compare`")
+    rep.add_argument("--metric", help="validation metric that picks the winner (default: from meta.json)")
+    rep.set_defaults(handler=_cmd_report)
+
+    se = commands.add_parser("search", help="run a Flexora search and write the selection",
+                             description="Learn per-block gates (Flexora stage 1) and write the selected blocks "
+                                         "as a SelectionResult JSON.")
+    _add_model_task(se)
+    se.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    se.add_argument("--steps", type=int, help="search steps (default: one pass over the search set)")
+    se.add_argument("--top-k", type=int, help="keep the k highest-gate blocks instead of those above the mean")
+    se.add_argument("--lr", type=float, help="LoRA learning rate (default: 1e-4)")
+    se.add_argument("--batch-size", type=int, help="(default: 8)")
+    se.add_argument("--rank", type=int, dest="r", help="LoRA rank (default: 8)")
+    se.add_argument("--threads", type=int, help="torch intra-op threads")
+    se.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    se.add_argument("--out", default="selection.json", help="(default: %(default)s)")
+    se.set_defaults(handler=_cmd_search)
+
+    ex = commands.add_parser("export", help="turn a selection into a peft adapter config",
+                             description="Write adapter_config.json (a peft LoraConfig with layers_to_transform) "
+                                         "for a selection JSON from `search` or `compare`.")
+    ex.add_argument("selection", help="selection JSON (best_selection.json or a search result)")
+    ex.add_argument("--model", default="default", help="the model the selection is for (default: %(default)s)")
+    ex.add_argument("--target-modules", nargs="+", help="default: the family's query/value projections")
+    ex.add_argument("--rank", type=int, default=8, help="(default: %(default)s)")
+    ex.add_argument("--lora-alpha", type=int, default=16, help="(default: %(default)s)")
+    ex.add_argument("--out", default="lora_config", help="folder for adapter_config.json (default: %(default)s)")
+    ex.set_defaults(handler=_cmd_export)
     return parser
 
 

@@ -185,3 +185,16 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def load_model_layout(name: str):
+    """The model's `BlockLayout` (block path, count and LoRA targets) from its config alone: the model is
+    built on the meta device, so no weights are loaded or allocated."""
+    from transformers import AutoModel
+
+    from .blocks import find_blocks
+
+    config = load_config(name)
+    with torch.device("meta"):
+        skeleton = AutoModel.from_config(config)
+    return find_blocks(skeleton)

@@ -1,0 +1,273 @@
+"""Run several layer-selection strategies on one model and task under the same budget, through Ray Tune,
+and collect every trial into one DataFrame (and a results folder with tables and plots)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .search.encoding import num_blocks_of
+
+STRATEGIES = ("flexora", "random", "tpe", "all", "first-k", "last-k")
+TRIALS_FILE = "trials.csv"
+TRAJECTORIES_FILE = "search_trajectories.json"
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """One comparison: every strategy gets, per seed, at most `trials` fine-tunes and (when set) at most
+    `budget_s` compute seconds, its own searches included. Static rules (all, first-k, last-k) need one
+    fine-tune per seed. `k` sizes first-k, last-k and random subsets; None takes the size Flexora chose
+    for that seed (the paper's same-size comparison), or half the blocks when Flexora is not run."""
+
+    model: str = "default"
+    task: str | Mapping[str, Any] = "default"
+    strategies: tuple[str, ...] = ("flexora", "random", "all", "last-k")
+    seeds: int = 1
+    trials: int = 3
+    budget_s: float | None = None
+    k: int | None = None
+    metric: str = "val_accuracy"
+    mode: str = "max"
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    address: str | None = None
+    storage_path: str | None = None
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0
+    max_concurrent: int | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strategies", tuple(self.strategies))
+        unknown = sorted(set(self.strategies) - set(STRATEGIES))
+        if unknown or not self.strategies:
+            raise ValueError(f"unknown strategies {unknown or '(none given)'}; choose from {', '.join(STRATEGIES)}")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(f"strategies listed twice: {list(self.strategies)}")
+        for name in ("seeds", "trials"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.budget_s is not None and self.budget_s <= 0:
+            raise ValueError(f"budget_s must be positive, got {self.budget_s}")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be a positive int, got {self.k}")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+
+
+def _compute_stopper(budget_s: float):
+    """A Tune stopper that ends the experiment once its trials' compute seconds add up to `budget_s`."""
+    from ray.tune.stopper import Stopper
+
+    class ComputeBudget(Stopper):
+        def __init__(self) -> None:
+            self.spent: dict[str, float] = {}
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            value = result.get("compute_s")
+            if isinstance(value, int | float) and math.isfinite(value):
+                self.spent[trial_id] = float(value)
+            return False
+
+        def stop_all(self) -> bool:
+            return sum(self.spent.values()) >= budget_s
+
+    return ComputeBudget()
+
+
+def _progress_callback(label: str, planned: int):
+    """One line per finished trial, so a long comparison shows where it is."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self) -> None:
+            self.done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._line(trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._line(trial, "ERROR")
+
+        def _line(self, trial, status: str) -> None:
+            self.done += 1
+            r = trial.last_result or {}
+            metric = r.get("val_accuracy")
+            shown = f"val_accuracy {metric:.3f}" if isinstance(metric, float) and math.isfinite(metric) else ""
+            print(f"[compare] {label}: trial {self.done}/{planned} {status} {r.get('stage', '')} "
+                  f"blocks [{r.get('blocks', '')}] {shown} compute {r.get('compute_s', 0):.0f}s", flush=True)
+
+    return Progress()
+
+
+def _searcher(name: str, cfg: CompareConfig, seed: int, k: int | None):
+    """The Tune searcher for one strategy and seed, and the number of trials it may run."""
+    from .search import FlexoraSearcher, RandomLayerSearcher, StaticLayerSearcher, tpe_searcher
+
+    metric, mode = cfg.metric, cfg.mode
+    if name == "flexora":
+        searcher = FlexoraSearcher(metric, mode, search_seeds=[seed], finetune_seeds=[seed],
+                                   neighbours=(cfg.trials - 1) // 2)
+        return searcher, searcher.planned_trials
+    if name == "random":
+        return RandomLayerSearcher(metric, mode, k=k, seed=seed, trial_seed=seed), cfg.trials
+    if name == "tpe":
+        return tpe_searcher(metric, mode, seed=seed, trial_seed=seed), cfg.trials
+    rule = {"all": "all", "first-k": "first", "last-k": "last"}[name]
+    return StaticLayerSearcher(metric, mode, rule=rule, k=k if rule != "all" else None, seeds=[seed]), 1
+
+
+def _trial_rows(grid, strategy: str, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One row per trial of a finished experiment, and the search trials' gate trajectories."""
+    rows, trajectories = [], {}
+    for result in grid:
+        m = dict(result.metrics or {})
+        trial_id = m.get("trial_id") or Path(result.path).name
+        config = result.config or {}
+        status = "ERROR" if result.error else ("TERMINATED" if m.get("final", True) else "EARLY_STOPPED")
+        stage = m.get("stage") or config.get("stage", "finetune")
+        rows.append({
+            "trial_id": trial_id, "strategy": strategy, "seed": seed, "stage": stage,
+            "variant": m.get("variant") or config.get("variant", ""), "blocks": m.get("blocks", ""),
+            "num_blocks": m.get("num_blocks"), "num_blocks_total": m.get("num_blocks_total"),
+            "trainable_params": m.get("trainable_params"), "val_accuracy": m.get("val_accuracy"),
+            "test_accuracy": m.get("test_accuracy"), "train_loss": m.get("train_loss"),
+            "compute_s": m.get("compute_s", 0.0), "node": m.get("node_ip", ""),
+            "start_time": m.get("start_time"), "end_time": m.get("report_time"), "status": status,
+            "steps": m.get("step"), "alpha": json.dumps(m["alpha"]) if stage == "search" and "alpha" in m else "",
+            "error": str(result.error).splitlines()[0][:300] if result.error else "",
+        })
+        if stage == "search" and result.checkpoint is not None:
+            with result.checkpoint.as_directory() as directory:
+                path = Path(directory) / "selection.json"
+                if path.exists():
+                    data = json.loads(path.read_text())
+                    trajectories[trial_id] = {"strategy": strategy, "seed": seed,
+                                              "steps": data.get("trajectory_steps", []),
+                                              "alpha": data.get("alpha_trajectory", [])}
+    return rows, trajectories
+
+
+def _run_experiment(name: str, cfg: CompareConfig, seed: int, k: int | None, storage: Path, base: dict):
+    from ray import tune
+
+    experiment = f"{name}_seed{seed}"
+    trainable = tune.with_resources(
+        _trainable(), {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+    )
+    path = storage / experiment
+    if cfg.resume and tune.Tuner.can_restore(str(path)):
+        print(f"[compare] {experiment}: resuming from {path}", flush=True)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        return tuner.fit()
+    searcher, planned = _searcher(name, cfg, seed, k)
+    print(f"[compare] {experiment}: up to {planned} trial(s)", flush=True)
+    stopper = _compute_stopper(cfg.budget_s) if cfg.budget_s else None
+    tuner = tune.Tuner(
+        trainable,
+        param_space=dict(base),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=planned,
+                                    max_concurrent_trials=cfg.max_concurrent, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=experiment, storage_path=str(storage), stop=stopper, verbose=0,
+            callbacks=[_progress_callback(experiment, planned)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )
+    return tuner.fit()
+
+
+def _trainable():
+    from .tune_trainable import trainable
+
+    return trainable
+
+
+def _auto_k(rows: Sequence[Mapping[str, Any]], seed: int, fallback: int) -> int:
+    sizes = [r["num_blocks"] for r in rows
+             if r["strategy"] == "flexora" and r["seed"] == seed and r["stage"] == "search" and r["num_blocks"]]
+    return int(sizes[0]) if sizes else fallback
+
+
+def _init_ray(cfg: CompareConfig) -> None:
+    """Join `cfg.address` or start a local Ray; Tune's own tables and hints are silenced in favour of
+    one progress line per trial."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def compare(out: str | Path = "results/compare", **options: Any) -> pd.DataFrame:
+    """Run the comparison described by `CompareConfig(**options)`, write `out` (trials.csv, summary.csv,
+    plots, best_selection.json, best_lora_config/) and return the trials DataFrame.
+
+    Results are written after every experiment, so a later failure never loses finished trials.
+    """
+    from .report import write_report, write_trials
+
+    cfg = CompareConfig(**options)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = Path(cfg.storage_path).resolve() if cfg.storage_path and "://" not in cfg.storage_path else None
+    storage = storage or (out / "ray")
+    num_total = num_blocks_of(cfg.model)
+    base = {"model": cfg.model, "task": dict(cfg.task) if isinstance(cfg.task, Mapping) else cfg.task,
+            **dict(cfg.settings)}
+    _write_meta(out, cfg, num_total)
+    _init_ray(cfg)
+    rows: list[dict[str, Any]] = []
+    trajectories: dict[str, Any] = {}
+    started = time.time()
+    order = sorted(cfg.strategies, key=lambda s: s != "flexora")
+    for seed in range(cfg.seeds):
+        for name in order:
+            k = cfg.k or (_auto_k(rows, seed, max(1, num_total // 2)) if name != "tpe" else None)
+            grid = _run_experiment(name, cfg, seed, k if name in ("random", "first-k", "last-k") else None,
+                                   storage, base)
+            new_rows, new_traj = _trial_rows(grid, name, seed)
+            rows.extend(new_rows)
+            trajectories.update(new_traj)
+            write_trials(pd.DataFrame(rows), out)
+            (out / TRAJECTORIES_FILE).write_text(json.dumps(trajectories))
+    print(f"[compare] {len(rows)} trials in {time.time() - started:.0f}s; writing the report to {out}", flush=True)
+    write_report(out, metric=cfg.metric)
+    return pd.DataFrame(rows)
+
+
+def _write_meta(out: Path, cfg: CompareConfig, num_total: int) -> None:
+    from .models import load_model_layout
+
+    layout = load_model_layout(cfg.model)
+    meta = {
+        "model": cfg.model, "task": cfg.task, "metric": cfg.metric, "mode": cfg.mode,
+        "strategies": list(cfg.strategies), "seeds": cfg.seeds, "trials": cfg.trials, "budget_s": cfg.budget_s,
+        "num_blocks_total": num_total, "target_modules": list(cfg.settings.get("target_modules")
+                                                              or layout.target_modules),
+        "layers_pattern": layout.pattern, "settings": dict(cfg.settings),
+        "command": os.environ.get("FLEXORA_TUNE_COMMAND", ""),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
