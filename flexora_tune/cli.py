@@ -32,7 +32,8 @@ def _task_arg(args: argparse.Namespace) -> str | dict[str, Any]:
     overrides = {k: v for k, v in {
         "text_column": args.text_column, "label_column": args.label_column,
         "prompt_column": args.prompt_column, "answer_column": args.answer_column,
-        "max_examples": args.max_examples, "max_length": args.max_length,
+        "max_examples": args.max_examples, "max_length": args.max_length, "val_size": args.val_size,
+        "test_size": args.test_size, "search_val_size": args.search_val_size,
     }.items() if v is not None}
     return {"source": args.task, **overrides} if overrides else args.task
 
@@ -51,6 +52,9 @@ def _add_model_task(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--answer-column", help="causal-LM answer column (default: answer)")
     group.add_argument("--max-examples", type=int, help="use at most this many examples of the dataset")
     group.add_argument("--max-length", type=int, help="token cut-off per example")
+    group.add_argument("--val-size", type=float, help="validation split: a count, or a fraction if < 1")
+    group.add_argument("--test-size", type=float, help="test split: a count, or a fraction if < 1")
+    group.add_argument("--search-val-size", type=float, help="Flexora's search-validation split")
 
 
 def _add_training(parser: argparse.ArgumentParser, single_run: bool = True) -> None:
@@ -117,7 +121,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         out=args.out, model=args.model, task=_task_arg(args), strategies=args.strategies, seeds=args.seeds,
         trials=args.trials, budget_s=args.budget_s, k=args.k, settings=settings, address=args.address,
         storage_path=args.storage_path, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        max_concurrent=args.max_concurrent, resume=args.resume,
+        max_concurrent=args.max_concurrent, resume=args.resume, max_failures=args.max_failures,
     )
     _print_summary(args.out)
     print(f"results in {Path(args.out).resolve()}")
@@ -209,7 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     ray_group.add_argument("--cpus-per-trial", type=float, default=1, help="(default: %(default)s)")
     ray_group.add_argument("--gpus-per-trial", type=float, default=0, help="fractions pack trials (default: 0)")
     ray_group.add_argument("--max-concurrent", type=int, help="trials at once per experiment")
-    ray_group.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --out")
+    ray_group.add_argument("--resume", action="store_true",
+                           help="continue an interrupted comparison in --out (same --storage-path): finished "
+                                "experiments are read back, interrupted ones restored with their searcher state "
+                                "and running trials' checkpoints, and the rest run fresh")
+    ray_group.add_argument("--max-failures", type=int, default=1,
+                           help="retries per trial after a failure such as a lost node, each from the trial's "
+                                "last checkpoint; -1 retries forever (default: %(default)s)")
     cmp.set_defaults(handler=_cmd_compare)
 
     rep = commands.add_parser("report", help="re-render tables and plots from a results folder (no training)",
@@ -252,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, RuntimeError) as exc:
         print(f"flexora-tune {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,7 @@ STRATEGIES = ("flexora", "random", "tpe", "all", "first-k", "last-k")
 TRIALS_FILE = "trials.csv"
 TRAJECTORIES_FILE = "search_trajectories.json"
 META_FILE = "meta.json"
+EXPERIMENTS_FILE = "finished_experiments.json"  # what `resume` must not run again
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class CompareConfig:
     gpus_per_trial: float = 0
     max_concurrent: int | None = None
     resume: bool = False
+    max_failures: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategies", tuple(self.strategies))
@@ -66,6 +68,8 @@ class CompareConfig:
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise ValueError(f"max_failures must be an int >= 0 (or -1: retry forever), got {self.max_failures!r}")
 
 
 def _compute_stopper(budget_s: float):
@@ -161,18 +165,33 @@ def _trial_rows(grid, strategy: str, seed: int) -> tuple[list[dict[str, Any]], d
     return rows, trajectories
 
 
-def _run_experiment(name: str, cfg: CompareConfig, seed: int, k: int | None, storage: Path, base: dict):
+def _run_experiment(name: str, cfg: CompareConfig, seed: int, k: int | None, storage: str, base: dict,
+                    finished: bool = False):
+    """Run (or, with `cfg.resume`, continue) the Tune experiment `{name}_seed{seed}` and return its ResultGrid.
+
+    On resume: a `finished` experiment is only read back (nothing re-runs); one with a saved experiment
+    state is restored with `Tuner.restore`, which brings back its searcher's state, keeps finished trials and
+    continues interrupted ones from their last checkpoint; one that never saved a state starts fresh.
+    Trials that fail (e.g. their node died) are retried from their last checkpoint up to `cfg.max_failures`
+    times.
+    """
     from ray import tune
 
     experiment = f"{name}_seed{seed}"
     trainable = tune.with_resources(
         _trainable(), {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     )
-    path = storage / experiment
-    if cfg.resume and tune.Tuner.can_restore(str(path)):
+    path = f"{storage}/{experiment}"
+    if cfg.resume and tune.Tuner.can_restore(path):
+        if finished:
+            print(f"[compare] {experiment}: already finished; reading its results from {path}", flush=True)
+            return tune.Tuner.restore(path, trainable=trainable).get_results()
         print(f"[compare] {experiment}: resuming from {path}", flush=True)
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
         return tuner.fit()
+    if cfg.resume and finished:
+        raise RuntimeError(f"cannot resume: {experiment} finished earlier but its Tune state is gone from {path}; "
+                           "rerun without --resume, or restore the storage path")
     searcher, planned = _searcher(name, cfg, seed, k)
     print(f"[compare] {experiment}: up to {planned} trial(s)", flush=True)
     stopper = _compute_stopper(cfg.budget_s) if cfg.budget_s else None
@@ -182,10 +201,10 @@ def _run_experiment(name: str, cfg: CompareConfig, seed: int, k: int | None, sto
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=planned,
                                     max_concurrent_trials=cfg.max_concurrent, reuse_actors=False),
         run_config=tune.RunConfig(
-            name=experiment, storage_path=str(storage), stop=stopper, verbose=0,
+            name=experiment, storage_path=storage, stop=stopper, verbose=0,
             callbacks=[_progress_callback(experiment, planned)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=1),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     return tuner.fit()
@@ -232,8 +251,14 @@ def compare(out: str | Path = "results/compare", **options: Any) -> pd.DataFrame
     cfg = CompareConfig(**options)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    storage = Path(cfg.storage_path).resolve() if cfg.storage_path and "://" not in cfg.storage_path else None
-    storage = storage or (out / "ray")
+    if cfg.storage_path and "://" in cfg.storage_path:  # s3://, gs://, ...: shared by every node of a cluster
+        storage = cfg.storage_path.rstrip("/")
+    else:
+        storage = str(Path(cfg.storage_path).resolve() if cfg.storage_path else out / "ray")
+    done_file = out / EXPERIMENTS_FILE
+    done = set(json.loads(done_file.read_text())) if cfg.resume and done_file.exists() else set()
+    if not cfg.resume:
+        done_file.unlink(missing_ok=True)
     num_total = num_blocks_of(cfg.model)
     base = {"model": cfg.model, "task": dict(cfg.task) if isinstance(cfg.task, Mapping) else cfg.task,
             **dict(cfg.settings)}
@@ -246,13 +271,16 @@ def compare(out: str | Path = "results/compare", **options: Any) -> pd.DataFrame
     for seed in range(cfg.seeds):
         for name in order:
             k = cfg.k or (_auto_k(rows, seed, max(1, num_total // 2)) if name != "tpe" else None)
+            experiment = f"{name}_seed{seed}"
             grid = _run_experiment(name, cfg, seed, k if name in ("random", "first-k", "last-k") else None,
-                                   storage, base)
+                                   storage, base, finished=experiment in done)
             new_rows, new_traj = _trial_rows(grid, name, seed)
             rows.extend(new_rows)
             trajectories.update(new_traj)
             write_trials(pd.DataFrame(rows), out)
             (out / TRAJECTORIES_FILE).write_text(json.dumps(trajectories))
+            done.add(experiment)
+            done_file.write_text(json.dumps(sorted(done)))
     print(f"[compare] {len(rows)} trials in {time.time() - started:.0f}s; writing the report to {out}", flush=True)
     write_report(out, metric=cfg.metric)
     return pd.DataFrame(rows)

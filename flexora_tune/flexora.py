@@ -348,7 +348,7 @@ class FlexoraSearch:
 
         grad_a L_val(w') - xi (grad_a L_train(w+) - grad_a L_train(w-)) / (2 eps), where
         w' = w - xi grad_w L_train(w), w+- = w +- eps grad_w' L_val(w'), eps = 0.01 / ||grad_w' L_val(w')||.
-        Returns L_val(w').
+        All of it runs with dropout off (the gate step); returns L_val(w').
         """
         alpha = self.gates.alpha
         with torch.no_grad():

@@ -186,11 +186,14 @@ def trainable(config: dict[str, Any]) -> None:
     Every report checkpoints; keep storage bounded with ``RunConfig(checkpoint_config=CheckpointConfig(
     num_to_keep=2))``. A restarted trial resumes from `tune.get_checkpoint()`.
     """
+    import ray
+
     trial = parse_config(config)
     runtime = ray_runtime_settings()
     settings = {**runtime, **trial.settings}
     identity = {"stage": trial.stage, "strategy": trial.label, "variant": trial.variant, "seed": trial.seed,
-                "device": str(settings["device"]), "threads": settings["threads"], "start_time": time.time()}
+                "device": str(settings["device"]), "threads": settings["threads"], "start_time": time.time(),
+                "node_id": ray.get_runtime_context().get_node_id()}
     if trial.stage == "search":
         _run_search(trial, settings, identity)
     else:
