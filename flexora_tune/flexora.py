@@ -214,6 +214,14 @@ class SelectionResult:
         return cls(**data)
 
     @classmethod
+    def from_analysis(cls, analysis: Any, metric: str = "val_accuracy", mode: str = "max") -> SelectionResult:
+        """The search result behind a Ray Tune run (`tune.run`'s analysis or `Tuner.fit`'s result grid): the
+        search whose selection's fine-tune scored best on the validation `metric`."""
+        from .tune_trainable import selection_from_analysis
+
+        return selection_from_analysis(analysis, metric, mode)
+
+    @classmethod
     def from_json(cls, text: str) -> SelectionResult:
         try:
             data = json.loads(text)

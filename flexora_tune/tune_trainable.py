@@ -246,3 +246,38 @@ def _run_search(trial: TrialConfig, settings: dict[str, Any], identity: dict[str
              "num_blocks_total": result.num_blocks_total, "alpha": [float(a) for a in result.alpha],
              "compute_s": result.compute_s, "step": result.steps, "selection": json.dumps(summary),
              "progress": 1.0, "final": True}, save_selection)
+
+
+def _trial_outcomes(analysis) -> list[tuple[dict[str, Any], Any]]:
+    """(last result, latest checkpoint) per trial of an `ExperimentAnalysis` (tune.run) or `ResultGrid`
+    (Tuner.fit)."""
+    if hasattr(analysis, "trials"):
+        return [(dict(t.last_result or {}), t.checkpoint) for t in analysis.trials]
+    return [(dict(r.metrics or {}), r.checkpoint) for r in analysis]
+
+
+def selection_from_analysis(analysis, metric: str = "val_accuracy", mode: str = "max"):
+    """The Flexora `SelectionResult` behind a Tune run: the search whose selection's fine-tune scored best on
+    `metric` (a validation metric), or the first search when none of its selections was fine-tuned."""
+    from .flexora import SelectionResult
+    from .search.flexora import parse_blocks
+
+    searches: list[SelectionResult] = []
+    scored: list[tuple[float, tuple[int, ...]]] = []
+    for result, checkpoint in _trial_outcomes(analysis):
+        if result.get("stage") == "search" and checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                path = Path(directory) / SELECTION_FILE
+                if path.exists():
+                    searches.append(SelectionResult.from_json(path.read_text()))
+        value = result.get(metric)
+        if result.get("stage") == "finetune" and isinstance(value, int | float) and math.isfinite(value):
+            scored.append((value if mode == "max" else -value, parse_blocks(result.get("blocks")) or ()))
+    if not searches:
+        raise ValueError("no finished Flexora search trial in this analysis: run it with FlexoraSearcher "
+                         "(or a trial config with stage='search')")
+    for _, blocks in sorted(scored, key=lambda s: -s[0]):
+        match = next((s for s in searches if tuple(s.blocks) == tuple(blocks)), None)
+        if match is not None:
+            return match
+    return searches[0]

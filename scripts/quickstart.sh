@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Sets up the environment (scripts/setup.sh) and runs the main job on the embedded default model and task.
-# Extra arguments are passed to the flexora-tune command.
+# Sets up the environment (scripts/setup.sh), then runs the main job: a short comparison of layer-selection
+# strategies (Flexora, random subsets, all blocks, last-k) on the embedded default model and task.
+# Results land in results/quickstart/; extra arguments are passed to `flexora-tune compare`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
-exec .venv/bin/flexora-tune finetune --model default --task default --blocks 20-29 --max-steps 40 --lr 1e-3 \
-  --out results/quickstart/finetune.json "$@"
+exec .venv/bin/flexora-tune compare --model default --task default \
+  --strategies flexora,random,all,last-k --seeds 1 --trials 1 \
+  --max-length 48 --val-size 150 --test-size 300 --max-steps 30 --search-steps 30 --lr 1e-3 \
+  --cpus-per-trial 2 --out results/quickstart "$@"

@@ -58,21 +58,42 @@ def _marked(tag: str, role: str | None = None) -> list[psutil.Process]:
     return found
 
 
-def _kill(tag: str, role: str | None = None, timeout: float = 20) -> None:
-    """SIGKILL every live process carrying the marker (and role), until none is left."""
+def _kill(tag: str, role: str | None = None, *, groups: tuple[int, ...] = (), pids: tuple[int, ...] = (),
+          timeout: float = 20) -> None:
+    """SIGKILL, until none is left, every process that carries the marker (and role), or sits in one of the
+    process groups / sessions `groups` (a `ray start`/driver started with start_new_session: its GCS, raylet
+    and agents; Ray's agents wipe their environment with setproctitle), or is in `pids`, and all their
+    descendants (Ray workers run in sessions of their own)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        procs = [p for p in _marked(tag, role) if p.status() != psutil.STATUS_ZOMBIE]
-        if not procs:
+    while True:
+        procs: dict[int, psutil.Process] = {p.pid: p for p in _marked(tag, role)}
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) in groups or os.getsid(proc.pid) in groups or proc.pid in pids:
+                    procs[proc.pid] = proc
+            except OSError:
+                continue
+        for proc in list(procs.values()):
+            try:
+                procs.update((c.pid, c) for c in proc.children(recursive=True))
+            except psutil.Error:
+                pass
+        live = []
+        for proc in procs.values():
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE and proc.pid != os.getpid():
+                    live.append(proc)
+            except psutil.Error:
+                pass
+        if not live:
             return
-        for proc in procs:
+        assert time.time() < deadline, f"Ray processes survived teardown: {[(p.pid, p.name()) for p in live]}"
+        for proc in live:
             try:
                 proc.kill()
             except psutil.Error:
                 pass
-        psutil.wait_procs(procs, timeout=2)
-    left = [(p.pid, p.name()) for p in _marked(tag, role) if p.status() != psutil.STATUS_ZOMBIE]
-    assert not left, f"Ray processes survived teardown: {left}"
+        psutil.wait_procs(live, timeout=2)
 
 
 def _free_port() -> int:
@@ -113,9 +134,11 @@ def _compare_args(model: Path, csv: Path, out: Path, strategies: str, *extra: st
             "--lr", "1e-2", "--search-steps", "4", "--out", str(out), *extra]
 
 
-def _start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def _start_node(args: list[str], env: dict[str, str], log: Path, groups: list[int]) -> subprocess.Popen:
+    """`ray start ... --block` in a session of its own (its pid joins `groups`, for teardown); waits until up."""
     proc = subprocess.Popen([str(BIN / "ray"), "start", *args, "--block", "--disable-usage-stats"], env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    groups.append(proc.pid)
     _wait_for(lambda: "Ray runtime started" in log.read_text(), 90, f"ray start {args[0]}", proc, log)
     return proc
 
@@ -127,16 +150,18 @@ def two_nodes(tmp_path) -> Iterator[dict]:
     tag = uuid.uuid4().hex
     temp_dirs = [tempfile.mkdtemp(prefix="ftrh", dir="/tmp"), tempfile.mkdtemp(prefix="ftrw", dir="/tmp")]
     port = _free_port()
+    groups: list[int] = []
     try:
-        _start_node([f"--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-                     "--include-dashboard=false", f"--temp-dir={temp_dirs[0]}", '--resources={"head_slot": 1}'],
-                    _env(tag, "head", **FAST_NODE_DEATH), tmp_path / "head.log")
-        _start_node([f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-                     f"--temp-dir={temp_dirs[1]}", '--resources={"worker_slot": 1}'],
-                    _env(tag, "worker"), tmp_path / "worker.log")
-        yield {"address": f"127.0.0.1:{port}", "tag": tag}
+        common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0"]
+        head = _start_node(["--head", f"--port={port}", *common, "--include-dashboard=false",
+                            f"--temp-dir={temp_dirs[0]}", '--resources={"head_slot": 1}'],
+                           _env(tag, "head", **FAST_NODE_DEATH), tmp_path / "head.log", groups)
+        worker = _start_node([f"--address=127.0.0.1:{port}", *common, f"--temp-dir={temp_dirs[1]}",
+                              '--resources={"worker_slot": 1}'],
+                             _env(tag, "worker"), tmp_path / "worker.log", groups)
+        yield {"address": f"127.0.0.1:{port}", "tag": tag, "head": head.pid, "worker": worker.pid, "groups": groups}
     finally:
-        _kill(tag)
+        _kill(tag, groups=tuple(groups))
         for directory in temp_dirs:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -148,18 +173,20 @@ def test_sweep_survives_losing_a_worker_node_mid_trial(two_nodes, tiny_llama_dir
         _compare_args(tiny_llama_dir, tiny_csv, out, "random", "--address", two_nodes["address"], "--storage-path",
                       str(storage), "--max-concurrent", "2", "--max-failures", "2"),
         env=_env(tag, "driver"), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    worker_pids = {p.pid for p in _marked(tag, "worker")}
+    two_nodes["groups"].append(driver.pid)
+    worker_node = psutil.Process(two_nodes["worker"])
 
     def trial_on_worker() -> tuple[Path, list[dict]] | None:
+        on_worker = {p.pid for p in worker_node.children(recursive=True)}
         for trial_dir in storage.glob("random_seed0/trainable_*"):
             rows = _results(trial_dir)
-            if rows and rows[0]["pid"] in worker_pids | {p.pid for p in _marked(tag, "worker")}:
+            if rows and not rows[-1]["final"] and rows[0]["pid"] in on_worker:
                 return trial_dir, rows
         return None
 
     trial_dir, before = _wait_for(trial_on_worker, 120, "a trial reporting from the worker node", driver, log)
     os.kill(before[0]["pid"], signal.SIGSTOP)  # freeze it mid-trial, then lose the whole node
-    _kill(tag, "worker")
+    _kill(tag, "worker", groups=(two_nodes["worker"],), pids=(before[0]["pid"],))
     assert driver.wait(timeout=150) == 0, log.read_text()[-3000:]
 
     trials = pd.read_csv(out / "trials.csv")
@@ -181,9 +208,12 @@ def test_killed_driver_resumes_without_losing_or_repeating_trials(tiny_llama_dir
     env = _env(tag, "driver", RAY_TMPDIR=ray_tmp)
     args = _compare_args(tiny_llama_dir, tiny_csv, out, "flexora,random,all")
     log = tmp_path / "first.log"
+    groups: list[int] = []
+    stopped: list[int] = []
     try:
         driver = subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
+        groups.append(driver.pid)
 
         def random_trial_running() -> tuple[Path, list[dict]] | None:
             for trial_dir in (out / "ray").glob("random_seed0/trainable_*"):
@@ -193,18 +223,19 @@ def test_killed_driver_resumes_without_losing_or_repeating_trials(tiny_llama_dir
             return None
 
         trial_dir, before = _wait_for(random_trial_running, 150, "a running random trial", driver, log)
-        os.kill(before[0]["pid"], signal.SIGSTOP)  # freeze the trial so the driver dies mid-trial
-        os.killpg(driver.pid, signal.SIGKILL)
-        _kill(tag)  # the driver's whole local Ray goes with it
+        stopped.append(before[0]["pid"])
+        os.kill(stopped[0], signal.SIGSTOP)  # freeze the trial so the driver dies mid-trial
+        _kill(tag, groups=tuple(groups), pids=tuple(stopped))  # the driver and its whole local Ray
         driver.wait(timeout=10)
         assert (out / "finished_experiments.json").exists() and not (out / "ray" / "all_seed0").exists()
 
-        resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=200)
+        resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=200,
+                                 start_new_session=True)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert "flexora_seed0: already finished" in resumed.stdout
         assert "random_seed0: resuming" in resumed.stdout and "all_seed0: up to 1" in resumed.stdout
     finally:
-        _kill(tag)
+        _kill(tag, groups=tuple(groups), pids=tuple(stopped))
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
     trials = pd.read_csv(out / "trials.csv")

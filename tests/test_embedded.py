@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from flexora_tune import finetune, find_blocks, load_model, load_task
+from flexora_tune import find_blocks, finetune, load_model, load_task
 
 SMALL_BBC = {"source": "default", "val_size": 16, "test_size": 16, "search_val_size": 8, "max_examples": 200}
 
