@@ -4,10 +4,12 @@ configs restricted to a selection (built and verified)."""
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from peft import LoraConfig
 from torch import nn
@@ -32,6 +34,39 @@ class BlockDiscoveryError(ValueError):
 
 class LoraPlacementError(RuntimeError):
     """peft placed LoRA somewhere other than exactly the selected blocks and target modules."""
+
+
+def format_blocks(blocks: Iterable[int] | None) -> str:
+    """The text form of a block set in results and tables: ``"0,3,7"`` (``""`` for none)."""
+    return "" if blocks is None else ",".join(str(int(b)) for b in sorted(blocks))
+
+
+def parse_blocks(value: Any) -> tuple[int, ...] | None:
+    """Block indices from a result or table cell: ``"0,3,7"``, a JSON list ``"[0, 3, 7]"``, or a sequence.
+
+    Returns None for a missing, empty or unreadable value (e.g. a search trial that errored).
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                return None
+        else:
+            parts = [p for p in re.split(r"[,\s]+", text) if p]
+            if not parts or not all(p.isdigit() for p in parts):
+                return None
+            return tuple(sorted(int(p) for p in parts))
+    if isinstance(value, list | tuple):
+        if not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in value):
+            return None
+        return tuple(sorted(int(b) for b in value)) or None
+    return None
 
 
 @dataclass(frozen=True)

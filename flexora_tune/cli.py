@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 
-def parse_blocks(text: str) -> list[int]:
+def block_list_arg(text: str) -> list[int]:
     """Parse ``"0,3,5-7"`` into ``[0, 3, 5, 6, 7]``."""
     blocks: list[int] = []
     try:
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_task(ft)
     _add_training(ft)
     which = ft.add_mutually_exclusive_group()
-    which.add_argument("--blocks", type=parse_blocks, help="blocks to adapt, e.g. 0,3,5-7 (default: all)")
+    which.add_argument("--blocks", type=block_list_arg, help="blocks to adapt, e.g. 0,3,5-7 (default: all)")
     which.add_argument("--selection", help="a selection JSON file (from `search` or `compare`)")
     ft.add_argument("--out", help="write the result (with its per-epoch history) to this JSON file")
     ft.set_defaults(handler=_cmd_finetune)

@@ -150,6 +150,7 @@ def _trial_rows(grid, strategy: str, seed: int) -> tuple[list[dict[str, Any]], d
             "trainable_params": m.get("trainable_params"), "val_accuracy": m.get("val_accuracy"),
             "test_accuracy": m.get("test_accuracy"), "train_loss": m.get("train_loss"),
             "compute_s": m.get("compute_s", 0.0), "node": m.get("node_ip", ""),
+            "node_id": m.get("node_id", ""),
             "start_time": m.get("start_time"), "end_time": m.get("report_time"), "status": status,
             "steps": m.get("step"), "alpha": json.dumps(m["alpha"]) if stage == "search" and "alpha" in m else "",
             "error": str(result.error).splitlines()[0][:300] if result.error else "",

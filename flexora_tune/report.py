@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .blocks import BlockSelection
+from .blocks import BlockSelection, format_blocks, parse_blocks
 
 Mode = Literal["max", "min"]
 
@@ -115,41 +114,6 @@ def validate_trials(trials: pd.DataFrame, metric: str = DEFAULT_METRIC) -> None:
         raise ValueError(
             f"metric {metric!r} is not a column of the trials table; available metric columns: {available}"
         )
-
-
-def parse_blocks(value: Any) -> tuple[int, ...] | None:
-    """Block indices from a table cell: a JSON list (``"[0, 3, 5]"``), ``"0,3,5"``, or a list.
-
-    Returns None for a missing/empty/unreadable cell (e.g. a search trial that errored).
-    """
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, str):
-        text = value.strip()
-        if not text or text.lower() in ("nan", "none", "null", "[]"):
-            return None
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                return None
-        else:
-            parts = [p for p in re.split(r"[,\s]+", text) if p]
-            if not all(p.isdigit() for p in parts):
-                return None
-            return tuple(sorted(int(p) for p in parts)) or None
-    if isinstance(value, (list, tuple)):
-        if not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in value):
-            return None
-        return tuple(sorted(int(b) for b in value)) or None
-    return None
-
-
-def format_blocks(blocks: Sequence[int] | None) -> str:
-    """The canonical table form of a block set, a JSON list: ``"[0, 3, 5]"`` (``""`` for none)."""
-    return "" if blocks is None else json.dumps([int(b) for b in blocks])
 
 
 def _compact_blocks(blocks: Sequence[int] | None) -> str:

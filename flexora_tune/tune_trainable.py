@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from .blocks import BlockSelection
+from .blocks import BlockSelection, format_blocks, parse_blocks
 from .finetune import FinetuneSettings, settings_from
-from .search.encoding import BLOCKS_KEY, LAYERS_KEY, format_blocks, num_blocks_of, selection_from_config
+from .search.encoding import BLOCKS_KEY, LAYERS_KEY, num_blocks_of, selection_from_config
 from .tasks import TaskData, load_task
 
 Stage = Literal["search", "finetune"]
@@ -177,7 +177,8 @@ def trainable(config: dict[str, Any]) -> None:
     - ``compute_s``: cumulative compute seconds of this trial (excluding Ray overhead, across resumes);
     - ``step``, ``total_steps``, ``progress`` (step / total_steps) and ``final`` (True on the last report of
       a trial that ran to its end, False in reports an early stop cuts short);
-    - ``stage``, ``strategy``, ``variant``, ``seed``, ``device``, ``threads`` (what the trial ran on), and
+    - ``stage``, ``strategy``, ``variant``, ``seed``, ``device``, ``threads``, ``node_id`` (what and where the
+      trial ran), and
       ``start_time``/``report_time`` (epoch seconds: when the trial started, when this was reported);
     - search trials also: ``search_val_loss``, ``alpha`` (list, one per block), and in the final report
       ``selection`` (the `SelectionResult` as JSON, without its curves; the full one is ``selection.json``
@@ -220,7 +221,7 @@ def _run_finetune(trial: TrialConfig, settings: dict[str, Any], identity: dict[s
 
 
 def _run_search(trial: TrialConfig, settings: dict[str, Any], identity: dict[str, Any]) -> None:
-    from .flexora import search_layers
+    from .flexora import SelectionResult, search_layers
 
     unset = dict.fromkeys(FINETUNE_METRICS, NAN)
 
@@ -235,8 +236,12 @@ def _run_search(trial: TrialConfig, settings: dict[str, Any], identity: dict[str
         _report(row, save_state)
 
     with _resume_dir() as resume_from:
-        result = search_layers(trial.model, trial.task, trial.seed, on_step=on_step, resume_from=resume_from,
-                               **settings)
+        finished = Path(resume_from) / SELECTION_FILE if resume_from else None
+        if finished is not None and finished.exists():
+            result = SelectionResult.from_json(finished.read_text())
+        else:
+            result = search_layers(trial.model, trial.task, trial.seed, on_step=on_step, resume_from=resume_from,
+                                   **settings)
 
     def save_selection(directory: str) -> None:
         (Path(directory) / SELECTION_FILE).write_text(result.to_json())
@@ -260,7 +265,6 @@ def selection_from_analysis(analysis, metric: str = "val_accuracy", mode: str = 
     """The Flexora `SelectionResult` behind a Tune run: the search whose selection's fine-tune scored best on
     `metric` (a validation metric), or the first search when none of its selections was fine-tuned."""
     from .flexora import SelectionResult
-    from .search.flexora import parse_blocks
 
     searches: list[SelectionResult] = []
     scored: list[tuple[float, tuple[int, ...]]] = []

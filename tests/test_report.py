@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from flexora_tune.blocks import BlockSelection
+from flexora_tune.blocks import BlockSelection, parse_blocks
 from flexora_tune.report import (
     REQUIRED_COLUMNS,
     SUMMARY_COLUMNS,
@@ -21,7 +21,6 @@ from flexora_tune.report import (
     best_selection,
     format_summary,
     gates_from_alpha,
-    parse_blocks,
     plot_best_so_far,
     plot_block_map,
     plot_gate_heatmap,
@@ -114,7 +113,7 @@ def test_summarize_numbers_by_hand():
     assert flexora["compute_to_best_mean"] == pytest.approx((20 + 15) / 2)  # search trials included
     assert flexora["total_compute_mean"] == pytest.approx((20 + 21) / 2)
     assert (flexora["n_seeds"], flexora["n_seeds_ok"], flexora["n_trials"], flexora["n_errors"]) == (2, 2, 7, 1)
-    assert flexora["blocks_of_best"] == "[1, 2]" and flexora["num_blocks_of_best"] == 2
+    assert flexora["blocks_of_best"] == "1,2" and flexora["num_blocks_of_best"] == 2
     assert flexora["best_trial_id"] == "f0-ft2"
 
     random = summary.loc["random"]
@@ -129,7 +128,7 @@ def test_summarize_numbers_by_hand():
     assert tpe["best_val_mean"] == pytest.approx(0.83)
     assert tpe["test_of_best_mean"] == pytest.approx((0.72 + 0.80) / 2)  # not 0.99
     assert tpe["compute_to_best_mean"] == pytest.approx((6 + 7) / 2)  # start order, not row order: 6, not 9
-    assert tpe["blocks_of_best"] == "[0, 1, 2, 3]"
+    assert tpe["blocks_of_best"] == "0,1,2,3"
 
     failed = summary.loc["all"]
     assert math.isnan(failed["best_val_mean"]) and math.isnan(failed["test_of_best_mean"])

@@ -8,6 +8,7 @@ import pickle
 import pytest
 from ray.tune.search import Searcher
 
+from flexora_tune.blocks import parse_blocks
 from flexora_tune.search import (
     FlexoraSearcher,
     RandomLayerSearcher,
@@ -17,7 +18,7 @@ from flexora_tune.search import (
     selection_from_config,
     tpe_searcher,
 )
-from flexora_tune.search.flexora import consensus, parse_blocks, top_k
+from flexora_tune.search.flexora import consensus, top_k
 
 L = 6
 

@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..blocks import BlockSelection
+from ..blocks import BlockSelection, format_blocks  # noqa: F401  (re-exported)
 
 LAYERS_KEY = "layers"
 BLOCKS_KEY = "blocks"
@@ -69,11 +69,6 @@ def selection_from_config(config: Mapping[str, Any], num_blocks: int | None) -> 
             raise ValueError("config['blocks'] needs the model's number of blocks")
         return BlockSelection(tuple(blocks), num_blocks)
     return None
-
-
-def format_blocks(blocks: Iterable[int]) -> str:
-    """A compact, sortable text form of a block set for result tables: ``"0,3,7"``."""
-    return ",".join(str(b) for b in sorted(blocks))
 
 
 def num_blocks_of(model: str) -> int:

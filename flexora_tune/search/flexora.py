@@ -7,18 +7,9 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from ..blocks import parse_blocks
 from .base import LayerSearcher
 from .encoding import encode_layers, is_number
-
-
-def parse_blocks(value: Any) -> tuple[int, ...] | None:
-    """Blocks as reported (``"0,3,7"`` or a list); None when absent or unreadable."""
-    if isinstance(value, str):
-        parts = [p for p in value.replace(" ", ",").split(",") if p]
-        return tuple(sorted(int(p) for p in parts)) if all(p.isdigit() for p in parts) else None
-    if isinstance(value, list | tuple) and all(isinstance(b, int) for b in value):
-        return tuple(sorted(value))
-    return None
 
 
 def consensus(selections: Sequence[Sequence[int]]) -> tuple[int, ...]:
