@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     command, load = command_line(), LoadSampler()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     info = machine_info()

@@ -8,5 +8,5 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
 exec .venv/bin/flexora-tune compare --model default --task default \
   --strategies flexora,random,all,last-k --seeds 1 --trials 1 \
-  --max-length 48 --val-size 150 --test-size 300 --max-steps 30 --search-steps 30 --lr 1e-3 \
+  --max-length 48 --val-size 150 --test-size 300 --max-steps 30 --search-steps 30 --lr 5e-3 \
   --cpus-per-trial 2 --out results/quickstart "$@"
