@@ -7,7 +7,7 @@ import json
 import math
 import numbers
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,20 +246,27 @@ class BlockSelection:
         return cls([layers] if isinstance(layers, int) else layers, num_blocks_total)
 
 
-def lora_placement(model: nn.Module, layout: BlockLayout) -> dict[int, set[str]]:
-    """Block index -> names of target modules (leaf names) that carry LoRA in a peft model."""
+def lora_layers(model: nn.Module, layout: BlockLayout) -> Iterator[tuple[int, str, nn.Module]]:
+    """(block index, module path inside the block, module) for every peft LoRA layer of `model`; LoRA
+    outside the transformer blocks is a `LoraPlacementError`."""
     from peft.tuners.lora import LoraLayer
 
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
     block_re = re.compile(rf"^{re.escape(layout.path)}\.(\d+)\.(.+)$")
-    placed: dict[int, set[str]] = {}
     for name, module in root.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         match = block_re.match(name)
         if match is None:
-            raise LoraPlacementError(f"LoRA landed outside the transformer blocks, on {name!r}")
-        placed.setdefault(int(match.group(1)), set()).add(match.group(2).rsplit(".", 1)[-1])
+            raise LoraPlacementError(f"LoRA landed outside the transformer blocks {layout.path!r}, on {name!r}")
+        yield int(match.group(1)), match.group(2), module
+
+
+def lora_placement(model: nn.Module, layout: BlockLayout) -> dict[int, set[str]]:
+    """Block index -> names of target modules (leaf names) that carry LoRA in a peft model."""
+    placed: dict[int, set[str]] = {}
+    for block, path, _ in lora_layers(model, layout):
+        placed.setdefault(block, set()).add(path.rsplit(".", 1)[-1])
     return placed
 
 

@@ -57,17 +57,20 @@ def _add_model_task(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--search-val-size", type=float, help="Flexora's search-validation split")
 
 
-def _add_training(parser: argparse.ArgumentParser, single_run: bool = True) -> None:
+def _add_training(parser: argparse.ArgumentParser, *, single_run: bool = True, finetuning: bool = True) -> None:
+    """Training options; `single_run` adds --seed/--threads (a sweep sets those per trial), `finetuning` the
+    fine-tune schedule options."""
     group = parser.add_argument_group("training")
     if single_run:
         group.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
         group.add_argument("--threads", type=int, help="torch intra-op threads")
-    group.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 3)")
-    group.add_argument("--max-steps", type=int, help="cap on optimizer steps")
+    if finetuning:
+        group.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 3)")
+        group.add_argument("--max-steps", type=int, help="cap on fine-tuning optimizer steps")
+        group.add_argument("--eval-every", type=int, help="evaluate every N steps instead of after each epoch")
     group.add_argument("--lr", type=float, help="LoRA learning rate (default: 1e-4)")
     group.add_argument("--batch-size", type=int, help="batch size (default: 8)")
     group.add_argument("--rank", type=int, dest="r", help="LoRA rank (default: 8)")
-    group.add_argument("--eval-every", type=int, help="evaluate every N steps instead of after each epoch")
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
@@ -233,14 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Learn per-block gates (Flexora stage 1) and write the selected blocks "
                                          "as a SelectionResult JSON.")
     _add_model_task(se)
-    se.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    _add_training(se, finetuning=False)
     se.add_argument("--steps", type=int, help="search steps (default: one pass over the search set)")
     se.add_argument("--top-k", type=int, help="keep the k highest-gate blocks instead of those above the mean")
-    se.add_argument("--lr", type=float, help="LoRA learning rate (default: 1e-4)")
-    se.add_argument("--batch-size", type=int, help="(default: 8)")
-    se.add_argument("--rank", type=int, dest="r", help="LoRA rank (default: 8)")
-    se.add_argument("--threads", type=int, help="torch intra-op threads")
-    se.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     se.add_argument("--out", default="selection.json", help="(default: %(default)s)")
     se.set_defaults(handler=_cmd_search)
 

@@ -8,13 +8,11 @@ applies it three times).
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .blocks import BlockLayout, LoraPlacementError
+from .blocks import BlockLayout, LoraPlacementError, lora_layers
 
 
 class BlockGates(nn.Module):
@@ -54,26 +52,14 @@ class BlockGates(nn.Module):
 
     def attach(self, model: nn.Module, layout: BlockLayout) -> dict[int, list[str]]:
         """Hook every LoRA ``lora_B`` inside the blocks of a peft `model`; returns block -> gated modules."""
-        from peft.tuners.lora import LoraLayer
-
         if layout.num_blocks != self.num_blocks:
             raise ValueError(f"{self.num_blocks} gates for a model with {layout.num_blocks} blocks")
         self.remove()
-        root = model.get_base_model() if hasattr(model, "get_base_model") else model
-        block_re = re.compile(rf"^{re.escape(layout.path)}\.(\d+)\.(.+)$")
         placement: dict[int, list[str]] = {}
-        for name, module in root.named_modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            match = block_re.match(name)
-            if match is None:
-                raise LoraPlacementError(
-                    f"LoRA on {name!r} lies outside the blocks {layout.path!r}; it cannot be gated"
-                )
-            block = int(match.group(1))
+        for block, path, module in lora_layers(model, layout):
             for adapter, lora_b in module.lora_B.items():
                 self._handles.append(lora_b.register_forward_hook(self._hook(block)))
-                placement.setdefault(block, []).append(f"{match.group(2)}[{adapter}]")
+                placement.setdefault(block, []).append(f"{path}[{adapter}]")
         if not placement:
             raise LoraPlacementError("the model carries no LoRA layers inside its blocks; nothing to gate")
         self.placement = placement

@@ -79,3 +79,16 @@ def test_export_writes_a_peft_adapter_config(tiny_llama_dir, tmp_path):
     assert main(["export", str(selection), "--model", str(tiny_llama_dir), "--out", str(tmp_path / "cfg")]) == 0
     config = json.loads((tmp_path / "cfg" / "adapter_config.json").read_text())
     assert config["layers_to_transform"] == [1, 3] and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_search_then_finetune_the_written_selection(tiny_llama_dir, tiny_csv, tmp_path, capsys):
+    from flexora_tune import SelectionResult
+
+    selection = tmp_path / "selection.json"
+    common = ["--model", str(tiny_llama_dir), "--task", str(tiny_csv), "--max-length", "32", "--lr", "1e-2"]
+    assert main(["search", *common, "--steps", "4", "--out", str(selection)]) == 0
+    found = SelectionResult.from_json(selection.read_text())
+    assert found.num_blocks_total == 4 and found.steps == 4
+    out = tmp_path / "finetune.json"
+    assert main(["finetune", *common, "--selection", str(selection), "--max-steps", "3", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["blocks"] == list(found.blocks)
