@@ -260,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"flexora-tune {args.command}: interrupted; finished results are kept"
+              + ("; continue with --resume" if args.command == "compare" else ""), file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, RuntimeError) as exc:
         print(f"flexora-tune {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -189,7 +191,7 @@ def _run_experiment(name: str, cfg: CompareConfig, seed: int, k: int | None, sto
             return tune.Tuner.restore(path, trainable=trainable).get_results()
         print(f"[compare] {experiment}: resuming from {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-        return tuner.fit()
+        return _fit(tuner)
     if cfg.resume and finished:
         raise RuntimeError(f"cannot resume: {experiment} finished earlier but its Tune state is gone from {path}; "
                            "rerun without --resume, or restore the storage path")
@@ -208,7 +210,27 @@ def _run_experiment(name: str, cfg: CompareConfig, seed: int, k: int | None, sto
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
-    return tuner.fit()
+    return _fit(tuner)
+
+
+def _fit(tuner):
+    """`tuner.fit()`, but a Ctrl-C ends the whole comparison: Tune catches the first SIGINT, saves the
+    experiment and returns normally, which would otherwise start the next experiment."""
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        grid = tuner.fit()
+        interrupted = signal.getsignal(signal.SIGINT) is interrupt  # Tune's handler put ours back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+    return grid
 
 
 def _trainable():

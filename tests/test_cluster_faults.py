@@ -250,3 +250,25 @@ def test_killed_driver_resumes_without_losing_or_repeating_trials(tiny_llama_dir
     assert restarted[0]["step"] > 1  # continued from its checkpoint, not from the start
     assert len(list((out / "ray").glob("random_seed0/trainable_*"))) == 2
     assert (out / "summary.csv").exists()
+
+
+def test_ctrl_c_stops_the_whole_comparison_and_keeps_finished_results(tiny_llama_dir, tiny_csv, tmp_path):
+    tag, out = uuid.uuid4().hex, tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="ftrc", dir="/tmp")
+    env = _env(tag, "driver", RAY_TMPDIR=ray_tmp)
+    log = tmp_path / "driver.log"
+    groups: list[int] = []
+    try:
+        driver = subprocess.Popen(_compare_args(tiny_llama_dir, tiny_csv, out, "flexora,random,all"), env=env,
+                                  stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        groups.append(driver.pid)
+        _wait_for(lambda: list((out / "ray").glob("random_seed0/trainable_*")), 150, "a random trial", driver, log)
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=60) == 130, log.read_text()[-3000:]
+    finally:
+        _kill(tag, groups=tuple(groups))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    text = log.read_text()
+    assert "interrupted; finished results are kept; continue with --resume" in text
+    assert "all_seed0" not in text and not (out / "ray" / "all_seed0").exists()
+    assert set(pd.read_csv(out / "trials.csv").strategy) == {"flexora"}
