@@ -229,6 +229,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             searches[kind].step(index)
         return go
 
+    counted: dict[str, float] = {}
+    if args.count_flops:  # one extra step of each kind under torch's FLOP counter, to check the formula
+        from torch.utils.flop_counter import FlopCounterMode
+
+        for kind in kinds:
+            with FlopCounterMode(display=False) as counter:
+                if kind == "lora":
+                    plain_step()
+                else:
+                    searches[kind].gates.attach(model, layout)
+                    try:
+                        searches[kind].step(0)
+                    finally:
+                        searches[kind].gates.remove()
+            counted[kind] = float(counter.get_total_flops())
     meter = Meter(args.device)
     records: list[dict[str, Any]] = []
     for i in range(args.warmup + args.steps):
@@ -254,7 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "kind": kind, "step_s": seconds, "train_tokens_per_s": tokens / seconds,
             "peak_gib": max(r["peak_gib"] for r in mine), "over_gib": max(r["over_gib"] for r in mine),
             "before_gib": median(r["before_gib"] for r in mine), "flops": flops,
-            "achieved_tflops": flops / seconds / 1e12,
+            "achieved_tflops": flops / seconds / 1e12, "counted_flops": counted.get(kind, math.nan),
             "utilisation": flops / seconds / (args.peak_tflops * 1e12),
         })
     ref = summary[0]
@@ -278,7 +293,8 @@ def write_markdown(path: Path, result: dict[str, Any], info: dict[str, Any], com
     s, p = result["shape"], result["params"]
     memory = "torch.cuda.max_memory_allocated" if result["device"].startswith("cuda") else "peak RSS (CPU)"
     rows = [[r["kind"], fmt(r["step_s"], 4), fmt(r["time_ratio"], 2), fmt(r["train_tokens_per_s"], 0),
-             fmt(r["peak_gib"], 2), fmt(r["peak_ratio"], 2), fmt(r["over_gib"], 2), fmt(r["over_ratio"], 2),
+             fmt(r["peak_gib"], 3), fmt(r["peak_ratio"], 2), fmt(r["over_gib"], 3), fmt(r["over_ratio"], 2),
+             f"{r['flops'] / 1e9:.4g}", f"{r['counted_flops'] / 1e9:.4g}" if math.isfinite(r["counted_flops"]) else "-",
              fmt(r["achieved_tflops"], 1), fmt(100 * r["utilisation"], 1)] for r in result["summary"]]
     text = header_markdown("GPU: a Flexora search step vs a plain LoRA step", info, command, None)
     text += (
@@ -286,15 +302,16 @@ def write_markdown(path: Path, result: dict[str, Any], info: dict[str, Any], com
         f"{result['peak_tflops']} TFLOP/s; Ray imported: {result['ray_imported']}\n"
         f"- Model: Llama, {s['layers']} blocks, hidden {s['hidden']}, intermediate {s['intermediate']}, "
         f"{s['heads']} heads / {s['kv_heads']} KV heads, vocabulary {s['vocab']}, random weights; LoRA r 8 on "
-        f"q_proj/v_proj of every block. N (block linear weights) = {p['frozen_block_linear'] / 1e9:.3f} B, "
-        f"LoRA = {p['lora'] / 1e6:.2f} M, LM head = {p['lm_head'] / 1e6:.1f} M\n"
+        f"q_proj/v_proj of every block. N (block linear weights) = {p['frozen_block_linear']:,}, "
+        f"LoRA = {p['lora']:,}, LM head = {p['lm_head']:,}\n"
         f"- Batch: {s['batch_size']} x {s['seq_len']} tokens, loss on the last {s['answer_tokens']} tokens per "
         "row; the same batch is the search's validation batch\n\n"
         f"Memory: {memory}; *over*: the step's peak minus what was allocated before it. Tokens/s counts the "
         "training batch only. FLOPs and utilisation: the formula in the script's docstring.\n\n"
     )
     text += markdown_table(["step", "s", "time ratio", "train tokens/s", "peak GiB", "peak ratio", "over GiB",
-                            "over ratio", "TFLOP/s", "utilisation %"], rows)
+                            "over ratio", "GFLOP/step (formula)", "GFLOP/step (torch counter)", "TFLOP/s",
+                            "utilisation %"], rows)
     text += "\n"
     path.write_text(text)
 
@@ -316,6 +333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds, each one step of every kind (10)")
     parser.add_argument("--second-order", action="store_true", help="also time the second-order search step")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="also count each step's FLOPs with torch.utils.flop_counter (one extra step each), to "
+                             "check the formula (on by default with --tiny)")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the device's dense bf16 peak in TFLOP/s (default 989: H100/H200 SXM)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs)")
@@ -327,6 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.count_flops = args.count_flops or args.tiny
     command = command_line()
     result = run(args)
     info = machine_info()

@@ -17,7 +17,8 @@ hundred steps of ~2.7 s); `--model tiny` runs the same pipeline on the tests' 4-
     .venv/bin/python benchmarks/quality_per_compute.py                      # embedded default; hours on CPU
     .venv/bin/python benchmarks/quality_per_compute.py --seeds 3 --trials 4 --budget-s 3600 \\
         --set max_steps=200 --set eval_every=50 --set search.steps=100
-    .venv/bin/python benchmarks/quality_per_compute.py --model tiny --set max_steps=6 --set search.steps=4
+    .venv/bin/python benchmarks/quality_per_compute.py --model tiny --trials 2 --max-length 32 \
+        --set max_steps=6 --set lr=0.01 --set search.steps=4
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def _reach(row: dict[str, Any], level: str) -> str:
     n, seeds = row[f"{level}_reached_seeds"], row["seeds"]
     if n == 0:
         return "never"
-    return f"{fmt(row[f'compute_to_{level}_median_s'], 0)} ({n}/{seeds} seeds)"
+    return f"{row[f'compute_to_{level}_median_s']:.3g} ({n}/{seeds} seeds)"
 
 
 def _ratio(row: dict[str, Any], level: str) -> str:
@@ -170,13 +171,14 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], info: dict[str, An
         f"{fmt(r['best_val_mean'], 3)} [{fmt(r['best_val_min'], 3)}, {fmt(r['best_val_max'], 3)}]",
         f"{fmt(r['test_of_best_mean'], 3)} [{fmt(r['test_of_best_min'], 3)}, {fmt(r['test_of_best_max'], 3)}]",
         _reach(r, "all_level"), _ratio(r, "all_level"), _reach(r, "flexora_level"), _ratio(r, "flexora_level"),
-        fmt(r["total_compute_s_mean"], 0),
+        f"{r['total_compute_s_mean']:.3g}",
     ] for r in summary]
+    shown = os.path.relpath(out, REPO) if out.is_relative_to(REPO) else str(out)
     text = header_markdown("Quality per compute: Flexora against the baselines", info, command, load)
     text += (
         f"- Model `{args.model}`, task `{args.task}`; strategies {args.strategies}; {args.seeds} seeds; up to "
         f"{args.trials} trials and {args.budget_s or 'no'} compute seconds per strategy and seed; settings "
-        f"`{json.dumps(build_settings(args.set or []))}`\n- compare's folder: `{out}` (trials.csv, summary.csv, "
+        f"`{json.dumps(build_settings(args.set or []))}`\n- compare's folder: `{shown}` (trials.csv, summary.csv, "
         "best_so_far.png)\n\n"
         "Mean [min, max] over seeds of each seed's best fine-tune by validation accuracy, and the test accuracy "
         "of that same trial. *to all-blocks level*: median compute seconds (searches included, trials in start "
@@ -187,7 +189,7 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], info: dict[str, An
     text += markdown_table(["strategy", "best val", "test of best", "to all-blocks level (s)", "ratio to Flexora",
                             "to Flexora's level (s)", "ratio to Flexora", "total compute (s)"], rows)
     text += "\n\n![best so far](best_so_far.png)\n" if (out / "best_so_far.png").exists() and path.parent == out \
-        else f"\n\nBest-so-far plot: `{out / 'best_so_far.png'}`\n"
+        else f"\n\nBest-so-far plot: `{shown}/best_so_far.png`\n"
     path.write_text(text)
 
 
@@ -204,6 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="model name/path, or 'tiny' for a smoke test (default)")
     parser.add_argument("--task", default="default", help="task name or file (default: BBC News)")
+    parser.add_argument("--max-length", type=int, default=None, help="token cut-off per example (task setting)")
     parser.add_argument("--strategies", default=",".join(ALL_STRATEGIES), help="comma-separated (default: all six)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per strategy (default 3)")
     parser.add_argument("--trials", type=int, default=4, help="fine-tunes per strategy and seed (default 4)")
@@ -240,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         model, task = _tiny(Path(tmp)) if args.model == "tiny" else (args.model, args.task)
         if args.model == "tiny":
             args.task = "tiny keyword CSV"
+        if args.max_length:
+            task = {"source": task, "max_length": args.max_length}
         load.sample()
         trials = compare(out=out, model=model, task=task, strategies=strategies, seeds=args.seeds,
                          trials=args.trials, budget_s=args.budget_s, k=args.k, settings=settings,
