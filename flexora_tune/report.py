@@ -584,7 +584,8 @@ def plot_block_map(
 
     mode = mode or infer_mode(metric)
     per_seed = _by_strategy_rank(best_per_seed(trials, metric, mode), mode)
-    total = int(pd.to_numeric(trials["num_blocks_total"], errors="coerce").max())
+    totals = pd.to_numeric(trials["num_blocks_total"], errors="coerce")
+    total = int(totals.max()) if totals.notna().any() else 1
     colors = strategy_colors(per_seed["strategy"])
     image = np.ones((len(per_seed), total, 3))
     for i, row in enumerate(per_seed.itertuples(index=False)):

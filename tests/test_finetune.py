@@ -19,6 +19,7 @@ def test_finetune_lowers_training_loss_and_reports_its_metrics(tiny_llama_dir, t
     result = finetune(str(tiny_llama_dir), _task(tiny_csv), blocks=[1, 3], seed=0, epochs=3, lr=1e-2)
     first, last = result.history[0], result.history[-1]
     assert len(result.history) == 3 and last["train_loss"] < first["train_loss"]
+    assert last["test_eval_s"] > 0 and last["compute_s"] > 0  # test evaluation is timed apart
     assert last["train_loss"] < math.log(2)
     assert result.blocks == [1, 3] and result.num_blocks == 2 and result.num_blocks_total == 4
     assert result.trainable_params > 0 and result.compute_s > 0 and result.examples_seen == 3 * 120

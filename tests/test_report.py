@@ -301,3 +301,9 @@ def test_missing_columns_are_listed(tmp_path):
 def test_unknown_metric_lists_the_available_metric_columns():
     with pytest.raises(ValueError, match=r"'val_f1'.*available metric columns: \['val_accuracy'\]"):
         summarize(make_trials(), metric="val_f1")
+
+
+def test_block_map_still_draws_when_every_trial_failed(tmp_path):
+    trials = make_trials()
+    trials["status"], trials["val_accuracy"], trials["num_blocks_total"] = "ERROR", NAN, NAN
+    assert plot_block_map(trials, tmp_path / "block_map.png").stat().st_size > 0
