@@ -17,7 +17,9 @@ from typing import Any
 
 import pandas as pd
 
-from .search.encoding import num_blocks_of
+from .blocks import BlockLayout
+from .models import load_model_layout
+from .tune_trainable import SELECTION_FILE, parse_config
 
 STRATEGIES = ("flexora", "random", "tpe", "all", "first-k", "last-k")
 TRIALS_FILE = "trials.csv"
@@ -159,7 +161,7 @@ def _trial_rows(grid, strategy: str, seed: int) -> tuple[list[dict[str, Any]], d
         })
         if stage == "search" and result.checkpoint is not None:
             with result.checkpoint.as_directory() as directory:
-                path = Path(directory) / "selection.json"
+                path = Path(directory) / SELECTION_FILE
                 if path.exists():
                     data = json.loads(path.read_text())
                     trajectories[trial_id] = {"strategy": strategy, "seed": seed,
@@ -282,10 +284,13 @@ def compare(out: str | Path = "results/compare", **options: Any) -> pd.DataFrame
     done = set(json.loads(done_file.read_text())) if cfg.resume and done_file.exists() else set()
     if not cfg.resume:
         done_file.unlink(missing_ok=True)
-    num_total = num_blocks_of(cfg.model)
+    layout = load_model_layout(cfg.model)
+    num_total = layout.num_blocks
     base = {"model": cfg.model, "task": dict(cfg.task) if isinstance(cfg.task, Mapping) else cfg.task,
             **dict(cfg.settings)}
-    _write_meta(out, cfg, num_total)
+    for stage in ("search", "finetune"):  # a bad setting fails here, not in every trial
+        parse_config({**base, "stage": stage}, num_blocks=num_total)
+    _write_meta(out, cfg, layout)
     _init_ray(cfg)
     rows: list[dict[str, Any]] = []
     trajectories: dict[str, Any] = {}
@@ -309,14 +314,11 @@ def compare(out: str | Path = "results/compare", **options: Any) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def _write_meta(out: Path, cfg: CompareConfig, num_total: int) -> None:
-    from .models import load_model_layout
-
-    layout = load_model_layout(cfg.model)
+def _write_meta(out: Path, cfg: CompareConfig, layout: BlockLayout) -> None:
     meta = {
         "model": cfg.model, "task": cfg.task, "metric": cfg.metric, "mode": cfg.mode,
         "strategies": list(cfg.strategies), "seeds": cfg.seeds, "trials": cfg.trials, "budget_s": cfg.budget_s,
-        "num_blocks_total": num_total, "target_modules": list(cfg.settings.get("target_modules")
+        "num_blocks_total": layout.num_blocks, "target_modules": list(cfg.settings.get("target_modules")
                                                               or layout.target_modules),
         "layers_pattern": layout.pattern, "settings": dict(cfg.settings),
         "command": os.environ.get("FLEXORA_TUNE_COMMAND", ""),

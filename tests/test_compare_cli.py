@@ -92,3 +92,12 @@ def test_search_then_finetune_the_written_selection(tiny_llama_dir, tiny_csv, tm
     out = tmp_path / "finetune.json"
     assert main(["finetune", *common, "--selection", str(selection), "--max-steps", "3", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["blocks"] == list(found.blocks)
+
+
+def test_a_bad_setting_fails_before_any_trial_runs(tiny_llama_dir, tiny_csv, tmp_path):
+    from flexora_tune.compare import compare
+
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['max_length'\]"):
+        compare(out=tmp_path, model=str(tiny_llama_dir), task=str(tiny_csv), settings={"max_length": 32})
+    with pytest.raises(ValueError, match="unknown strategies"):
+        compare(out=tmp_path, strategies=("flexora", "grid"))
