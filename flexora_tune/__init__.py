@@ -23,6 +23,11 @@ _LAZY = {
     "RandomLayerSearcher": "search",
     "StaticLayerSearcher": "search",
     "tpe_searcher": "search",
+    # the comparison's Python API (a DataFrame for notebooks); not `compare`, which the submodule would shadow
+    "compare_strategies": ("compare", "compare"),
+    "write_report": "report",
+    "summarize": "report",
+    "estimate_trial_memory": "resources",
 }
 
 
@@ -30,7 +35,8 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module, attribute = _LAZY[name] if isinstance(_LAZY[name], tuple) else (_LAZY[name], name)
+        return getattr(importlib.import_module(f".{module}", __name__), attribute)
     raise AttributeError(f"module 'flexora_tune' has no attribute {name!r}")
 
 
