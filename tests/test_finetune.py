@@ -47,15 +47,8 @@ def test_resume_from_saved_state_matches_the_uninterrupted_run(tiny_llama_dir, t
     kwargs = dict(blocks=[1, 2], seed=1, epochs=2, lr=1e-2)
     full = finetune(str(tiny_llama_dir), _task(tiny_csv), **kwargs)
 
-    class Preempted(Exception):
-        pass
-
-    def save_then_die(metrics, save_state):
-        save_state(tmp_path / "ckpt")
-        raise Preempted
-
-    with pytest.raises(Preempted):
-        finetune(str(tiny_llama_dir), _task(tiny_csv), on_eval=save_then_die, **kwargs)
+    with pytest.raises(tiny.Preempted):
+        finetune(str(tiny_llama_dir), _task(tiny_csv), on_eval=tiny.save_then_preempt(tmp_path / "ckpt"), **kwargs)
     assert (tmp_path / "ckpt" / STATE_FILE).exists()
     resumed = finetune(str(tiny_llama_dir), _task(tiny_csv), resume_from=tmp_path / "ckpt", **kwargs)
     assert resumed.val_loss == full.val_loss and resumed.train_loss == full.train_loss

@@ -268,15 +268,8 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_search(tiny_llama
         assert key in seen[-1]
     assert seen[-1]["alpha"] == full.alpha and seen[-1]["blocks"] == list(full.blocks)
 
-    class Preempted(Exception):
-        pass
-
-    def save_then_die(metrics, save_state):
-        save_state(tmp_path / "ckpt")
-        raise Preempted
-
-    with pytest.raises(Preempted):
-        ft.search_layers(str(tiny_llama_dir), task, on_step=save_then_die, **kwargs)
+    with pytest.raises(tiny.Preempted):
+        ft.search_layers(str(tiny_llama_dir), task, on_step=tiny.save_then_preempt(tmp_path / "ckpt"), **kwargs)
     assert (tmp_path / "ckpt" / STATE_FILE).exists()
     resumed = ft.search_layers(str(tiny_llama_dir), task, resume_from=tmp_path / "ckpt", **kwargs)
     assert resumed.alpha == full.alpha and resumed.blocks == full.blocks

@@ -89,3 +89,17 @@ def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+class Preempted(Exception):
+    """Raised by `save_then_preempt`: a run killed right after it wrote a checkpoint."""
+
+
+def save_then_preempt(directory: Path):
+    """An `on_eval`/`on_step` callback that checkpoints to `directory`, then dies as a preempted trial would."""
+
+    def callback(metrics, save_state) -> None:
+        save_state(directory)
+        raise Preempted
+
+    return callback
