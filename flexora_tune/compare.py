@@ -19,12 +19,10 @@ import pandas as pd
 
 from .blocks import BlockLayout
 from .models import load_model_layout
+from .report import META_FILE, TRAJECTORIES_FILE
 from .tune_trainable import SELECTION_FILE, parse_config
 
 STRATEGIES = ("flexora", "random", "tpe", "all", "first-k", "last-k")
-TRIALS_FILE = "trials.csv"
-TRAJECTORIES_FILE = "search_trajectories.json"
-META_FILE = "meta.json"
 EXPERIMENTS_FILE = "finished_experiments.json"  # what `resume` must not run again
 
 
