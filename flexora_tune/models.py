@@ -187,14 +187,23 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     return torch.float32
 
 
-def load_model_layout(name: str):
-    """The model's `BlockLayout` (block path, count and LoRA targets) from its config alone: the model is
-    built on the meta device, so no weights are loaded or allocated."""
+def meta_skeleton(name: str, head: Head | None = None) -> PreTrainedModel:
+    """The model's modules built from its config on the meta device: structure and sizes, no weights loaded
+    or allocated. `head` ``causal_lm`` adds the LM head where the architecture has one."""
     from transformers import AutoModel
-
-    from .blocks import find_blocks
 
     config = load_config(name)
     with torch.device("meta"):
-        skeleton = AutoModel.from_config(config)
-    return find_blocks(skeleton)
+        if head == "causal_lm":
+            try:
+                return AutoModelForCausalLM.from_config(config)
+            except ValueError:
+                pass
+        return AutoModel.from_config(config)
+
+
+def load_model_layout(name: str):
+    """The model's `BlockLayout` (block path, count and LoRA targets), from its meta-device skeleton."""
+    from .blocks import find_blocks
+
+    return find_blocks(meta_skeleton(name))

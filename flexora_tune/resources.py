@@ -85,24 +85,16 @@ def _first_int(config, *names: str) -> int | None:
 
 def _shape_of(model: str, head: Head, target_modules: tuple[str, ...] | None) -> _Shape:
     """Read the sizes from the model's config and a meta-device skeleton (no weights loaded)."""
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM
-
     from .blocks import find_blocks
-    from .models import load_config
-    from .search.encoding import num_blocks_of
+    from .models import meta_skeleton
 
-    config = load_config(model)
+    skeleton = meta_skeleton(model, head)
+    config = skeleton.config
     hidden = _first_int(config, "hidden_size", "n_embd", "dim", "d_model")
     if hidden is None:
         raise ValueError(f"cannot read the hidden size of {model!r} from its config; pass hidden_size=")
     heads = _first_int(config, "num_attention_heads", "n_head", "n_heads") or 1
     kv_heads = _first_int(config, "num_key_value_heads") or heads
-    with torch.device("meta"):
-        try:
-            skeleton = (AutoModelForCausalLM if head == "causal_lm" else AutoModel).from_config(config)
-        except ValueError:
-            skeleton = AutoModel.from_config(config)
     layout = find_blocks(skeleton)
     blocks = dict(skeleton.named_modules())[layout.path]
     targets = set(target_modules or layout.target_modules)
@@ -113,7 +105,7 @@ def _shape_of(model: str, head: Head, target_modules: tuple[str, ...] | None) ->
             per_rank += shape[0] + shape[1]
     return _Shape(
         num_params=sum(p.numel() for p in skeleton.parameters()), hidden_size=hidden,
-        num_blocks=num_blocks_of(model),
+        num_blocks=layout.num_blocks,
         intermediate_size=_first_int(config, "intermediate_size", "n_inner", "hidden_dim") or 4 * hidden,
         vocab_size=_first_int(config, "vocab_size") or 0, num_heads=heads, kv_dim=hidden * kv_heads // heads,
         lora_params_per_block_per_rank=per_rank or None,
