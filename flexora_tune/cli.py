@@ -57,21 +57,52 @@ def _add_model_task(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--search-val-size", type=float, help="Flexora's search-validation split")
 
 
-def _add_training(parser: argparse.ArgumentParser, *, single_run: bool = True, finetuning: bool = True) -> None:
-    """Training options; `single_run` adds --seed/--threads (a sweep sets those per trial), `finetuning` the
-    fine-tune schedule options."""
+FINETUNE_BUDGET = ("epochs", "max_steps", "max_train_examples")
+
+
+def _add_training(parser: argparse.ArgumentParser, *, single_run: bool = True, evaluating: bool = True) -> None:
+    """Training options; `single_run` adds --seed/--threads (a sweep sets those per trial), `evaluating`
+    --eval-every (a search alone only uses the fine-tune's budget, to size itself)."""
     group = parser.add_argument_group("training")
     if single_run:
         group.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
         group.add_argument("--threads", type=int, help="torch intra-op threads")
-    if finetuning:
-        group.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 3)")
-        group.add_argument("--max-steps", type=int, help="cap on fine-tuning optimizer steps")
+    group.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 3)")
+    group.add_argument("--max-steps", type=int, help="cap on fine-tuning optimizer steps")
+    group.add_argument("--max-train-examples", type=int,
+                       help="fine-tune (and search) on only the first N training examples (default: all)")
+    if evaluating:
         group.add_argument("--eval-every", type=int, help="evaluate every N steps instead of after each epoch")
     group.add_argument("--lr", type=float, help="LoRA learning rate (default: 1e-4)")
     group.add_argument("--batch-size", type=int, help="batch size (default: 8)")
     group.add_argument("--rank", type=int, dest="r", help="LoRA rank (default: 8)")
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def _add_search(parser: argparse.ArgumentParser, steps_flag: str) -> None:
+    group = parser.add_argument_group("Flexora search")
+    group.add_argument(steps_flag, type=int, dest="search_steps",
+                       help="search steps (default: the reference's share of the fine-tune's steps: one pass "
+                            "over the search set, shortened as much as --max-steps shortens the fine-tune)")
+    group.add_argument("--stop-when-stable", type=int, metavar="STEPS",
+                       help="end the search once the selection has not changed for STEPS steps and alpha's "
+                            f"ranking has settled (default: {_default_stable()}; 0 runs every step)")
+    group.add_argument("--search-max-length", type=int, help="token cut-off of search examples (default: the task's)")
+    group.add_argument("--val-batches", type=int, help="search-validation batches per gate step (default: 1)")
+
+
+def _default_stable() -> int | None:
+    from .flexora import SearchSettings
+
+    return SearchSettings.stop_when_stable
+
+
+def _search_settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings = {"steps": args.search_steps, "max_length": args.search_max_length, "val_batches": args.val_batches}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if args.stop_when_stable is not None:
+        settings["stop_when_stable"] = args.stop_when_stable or None
+    return settings
 
 
 def _training_settings(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -86,8 +117,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         from .blocks import BlockSelection
 
         blocks = list(BlockSelection.from_json(Path(args.selection).read_text()).blocks)
-    settings = _training_settings(args, ["epochs", "max_steps", "lr", "batch_size", "r", "threads", "device",
-                                             "eval_every"])
+    settings = _training_settings(args, [*FINETUNE_BUDGET, "lr", "batch_size", "r", "threads", "device",
+                                         "eval_every"])
     result = finetune(args.model, _task_arg(args), blocks=blocks, seed=args.seed, verbose=True, **settings)
     summary = {k: v for k, v in result.to_dict().items() if k != "history"}
     print(json.dumps(summary, indent=2))
@@ -117,9 +148,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
     os.environ["FLEXORA_TUNE_COMMAND"] = "flexora-tune " + " ".join(sys.argv[1:])
-    settings = _training_settings(args, ["epochs", "max_steps", "lr", "batch_size", "r", "device", "eval_every"])
-    if args.search_steps:
-        settings["search"] = {"steps": args.search_steps}
+    settings = _training_settings(args, [*FINETUNE_BUDGET, "lr", "batch_size", "r", "device", "eval_every"])
+    search = _search_settings(args)
+    if search:
+        settings["search"] = search
     compare(
         out=args.out, model=args.model, task=_task_arg(args), strategies=args.strategies, seeds=args.seeds,
         trials=args.trials, budget_s=args.budget_s, k=args.k, settings=settings, address=args.address,
@@ -144,12 +176,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from .flexora import search_layers
 
-    settings = _training_settings(args, ["lr", "batch_size", "r", "threads", "device"])
-    if args.steps:
-        settings["steps"] = args.steps
+    settings = {**_training_settings(args, ["lr", "batch_size", "r", "threads", "device"]), **_search_settings(args)}
     if args.top_k:
         settings.update(rule="top_k", top_k=args.top_k)
-    result = search_layers(args.model, _task_arg(args), args.seed, verbose=True, **settings)
+    sized_for = _training_settings(args, [*FINETUNE_BUDGET, "batch_size"])
+    result = search_layers(args.model, _task_arg(args), args.seed, finetune=sized_for, verbose=True, **settings)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(result.to_json())
     print(f"selected blocks {list(result.blocks)} of {result.num_blocks_total} "
@@ -200,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "only reported.")
     _add_model_task(cmp)
     _add_training(cmp, single_run=False)
+    _add_search(cmp, "--search-steps")
     cmp.add_argument("--strategies", type=_strategies, default=("flexora", "random", "all", "last-k"),
                      help="comma-separated, from flexora,random,tpe,all,first-k,last-k "
                           "(default: flexora,random,all,last-k)")
@@ -208,7 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fine-tunes per strategy and seed; static rules need one (default: %(default)s)")
     cmp.add_argument("--budget-s", type=float, help="compute seconds per strategy and seed, searches included")
     cmp.add_argument("--k", type=int, help="blocks for first-k, last-k and random (default: Flexora's count)")
-    cmp.add_argument("--search-steps", type=int, help="Flexora search steps (default: one pass over the search set)")
     cmp.add_argument("--out", default="results/compare", help="results folder (default: %(default)s)")
     ray_group = cmp.add_argument_group("Ray")
     ray_group.add_argument("--address", help="an existing Ray cluster (e.g. auto or ray://head:10001)")
@@ -236,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Learn per-block gates (Flexora stage 1) and write the selected blocks "
                                          "as a SelectionResult JSON.")
     _add_model_task(se)
-    _add_training(se, finetuning=False)
-    se.add_argument("--steps", type=int, help="search steps (default: one pass over the search set)")
+    _add_training(se, evaluating=False)
+    _add_search(se, "--steps")
     se.add_argument("--top-k", type=int, help="keep the k highest-gate blocks instead of those above the mean")
     se.add_argument("--out", default="selection.json", help="(default: %(default)s)")
     se.set_defaults(handler=_cmd_search)

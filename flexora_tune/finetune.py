@@ -79,6 +79,13 @@ class FinetuneSettings(LoraSettings):
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
 
 
+def planned_steps(train_size: int, settings: FinetuneSettings) -> int:
+    """The optimizer steps `finetune` runs on a training set of `train_size` examples."""
+    n = min(train_size, settings.max_train_examples) if settings.max_train_examples else train_size
+    total = settings.epochs * math.ceil(n / settings.batch_size)
+    return min(total, settings.max_steps) if settings.max_steps else total
+
+
 def _check_positive(settings: Any, *names: str) -> None:
     for name in names:
         value = getattr(settings, name)
@@ -222,9 +229,7 @@ def finetune(
     session = open_lora_session(model, data, blocks, config, seed)
     train = list(data.train[: config.max_train_examples] if config.max_train_examples else data.train)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps = planned_steps(len(data.train), config)
     params = [p for p in session.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)

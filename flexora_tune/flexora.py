@@ -13,8 +13,9 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,12 @@ from transformers import get_cosine_schedule_with_warmup
 from .blocks import BlockLayout, BlockSelection
 from .finetune import (
     FinetuneResult,
+    FinetuneSettings,
     LoraSettings,
     _check_positive,
     _epoch_order,
     open_lora_session,
+    planned_steps,
     settings_from,
 )
 from .finetune import finetune as finetune_blocks
@@ -38,6 +41,8 @@ from .objective import encode, loss_fn
 from .tasks import TaskData, TaskSpec, load_task
 
 STATE_FILE = "search_state.pt"
+REFERENCE_SEARCH_SET = 5000
+SHORT_SEARCH = 10
 HYPERGRADIENTS = ("first_order", "second_order")
 RULES = ("mean", "top_k")
 MAX_RECORDS = 1000
@@ -49,24 +54,29 @@ OnStep = Callable[[dict[str, Any], Callable[[str | Path], None]], None]
 
 @dataclass(frozen=True)
 class SearchSettings(LoraSettings):
-    """Stage-1 settings. Defaults follow the reference, scaled to the task.
+    """Stage-1 settings. Defaults follow the reference, scaled to the task and to the fine-tune.
 
-    `steps` (None: one pass over the search set) alternating LoRA and gate steps; the search set is the first
-    `search_train_size` training examples (None: up to 5,000). Each gate step accumulates the loss of
-    `val_batches` search-validation batches of `val_batch_size` (None: `batch_size`) examples. LoRA: AdamW,
-    `lr` with cosine decay after `warmup_ratio` warm-up; gates: Adam, `alpha_lr`, constant, no decay.
-    `hypergradient` is ``first_order`` (the reference) or ``second_order`` (DARTS one-step unrolled, with
-    virtual step size `unroll_lr`, None: the current LoRA learning rate). `rule` ``mean`` keeps blocks with
-    alpha above the mean, ``top_k`` the `top_k` largest; `min_blocks`/`max_blocks` bound either.
-    `on_step` is called every `report_every` steps; alpha is recorded every `record_every` steps (None: every
-    step, thinned to at most 1,000 records); `stop_when_stable` stops once the selection has not changed for
-    that many steps.
+    Length: `steps` alternating LoRA and gate steps; None sizes the search like the reference (see
+    `default_search_steps`): one pass over the search set, shortened by the factor by which the fine-tune it
+    precedes is capped, so the search keeps the reference's share of the compute. The search set is the
+    first `search_train_size` training examples (None: up to 5,000, and never more than the fine-tune
+    trains on). Each gate step accumulates the loss of `val_batches` search-validation batches of
+    `val_batch_size` (None: `batch_size`) examples; `max_length` (None: the task's) cuts search sequences.
+    LoRA: AdamW, `lr` with cosine decay after `warmup_ratio` warm-up; gates: Adam, `alpha_lr`, constant, no
+    decay. `hypergradient` is ``first_order`` (the reference) or ``second_order`` (DARTS one-step unrolled,
+    with virtual step size `unroll_lr`, None: the current LoRA learning rate). `rule` ``mean`` keeps blocks
+    with alpha above the mean, ``top_k`` the `top_k` largest; `min_blocks`/`max_blocks` bound either.
+    `stop_when_stable` (None: run every step) ends the search once the selection has not changed for that
+    many steps and alpha's ranking has settled: its Spearman correlation with alpha that many steps earlier
+    is at least `stable_rank_corr`. `on_step` is called every `report_every` steps; alpha is recorded every
+    `record_every` steps (None: every step, thinned to at most 1,000 records).
     """
 
     steps: int | None = None
     search_train_size: int | None = None
     val_batches: int = 1
     val_batch_size: int | None = None
+    max_length: int | None = None
     lr: float = 1e-4
     alpha_lr: float = 0.01
     weight_decay: float = 0.0
@@ -80,17 +90,22 @@ class SearchSettings(LoraSettings):
     report_every: int = 10
     record_every: int | None = None
     stop_when_stable: int | None = None
+    stable_rank_corr: float = 0.9
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive(self, "val_batches", "lr", "alpha_lr", "min_blocks", "report_every")
-        for name in ("steps", "search_train_size", "val_batch_size", "top_k", "max_blocks", "record_every",
-                     "stop_when_stable", "unroll_lr"):
+        for name in ("steps", "search_train_size", "val_batch_size", "max_length", "top_k", "max_blocks",
+                     "record_every", "stop_when_stable", "unroll_lr"):
             value = getattr(self, name)
             if value is not None:
                 _check_positive(self, name)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_length is not None and self.max_length < 8:
+            raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
+        if not -1 <= self.stable_rank_corr <= 1:
+            raise ValueError(f"stable_rank_corr is a correlation in [-1, 1], got {self.stable_rank_corr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.hypergradient not in HYPERGRADIENTS:
@@ -144,10 +159,62 @@ def select_blocks(
     return tuple(sorted(chosen)), threshold
 
 
+def search_set_size(train_size: int, search: SearchSettings, finetune: FinetuneSettings | None = None) -> int:
+    """Examples the search trains LoRA on: the first `search_train_size` (None: up to 5,000) of the training
+    set, and never more than the fine-tune it precedes uses."""
+    available = train_size
+    if finetune is not None and finetune.max_train_examples:
+        available = min(available, finetune.max_train_examples)
+    return min(available, search.search_train_size or REFERENCE_SEARCH_SET)
+
+
+def default_search_steps(train_size: int, search: SearchSettings, finetune: FinetuneSettings | None = None) -> int:
+    """The reference's search length on a training set of `train_size` examples.
+
+    The reference makes one pass over a 5,000-example search set and then fine-tunes three epochs on up to
+    20,000 examples: the search trains LoRA on a twelfth of the fine-tune's examples, and since a search step
+    costs about two LoRA steps, it spends about a fifth of the fine-tune's compute. Here the search makes one
+    pass over its search set (`search_set_size`); when `finetune` is capped by `max_steps`, the pass is
+    shortened by the same factor, so the proportion between the two stages stays the reference's.
+    """
+    one_pass = math.ceil(search_set_size(train_size, search, finetune) / search.batch_size)
+    if finetune is None:
+        return one_pass
+    uncapped = planned_steps(train_size, replace(finetune, max_steps=None))
+    return max(1, round(one_pass * planned_steps(train_size, finetune) / uncapped))
+
+
+def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation of two equally long sequences (ties share their mean rank); 0 when either
+    is constant, since a constant sequence has no ranking."""
+
+    def ranks(values: Sequence[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0.0] * len(values)
+        start = 0
+        while start < len(order):
+            end = start
+            while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+                end += 1
+            for position in range(start, end + 1):
+                result[order[position]] = (start + end) / 2
+            start = end + 1
+        return result
+
+    if len(a) != len(b):
+        raise ValueError(f"rank_correlation needs equally long sequences, got {len(a)} and {len(b)}")
+    ra, rb = ranks(a), ranks(b)
+    mean = (len(a) - 1) / 2
+    da, db = [r - mean for r in ra], [r - mean for r in rb]
+    norm = math.sqrt(math.fsum(x * x for x in da) * math.fsum(y * y for y in db))
+    return math.fsum(x * y for x, y in zip(da, db, strict=True)) / norm if norm > 0 else 0.0
+
+
 @dataclass
 class SelectionResult:
     """What a search found and what it cost: the kept blocks, the final alpha and gates, their history,
-    the rule and threshold used, and enough of the model's layout to export a peft `LoraConfig`."""
+    the rule and threshold used, and enough of the model's layout to export a peft `LoraConfig`. It ran
+    `steps` of `planned_steps` steps; `stop_reason` says why it ended there."""
 
     blocks: tuple[int, ...]
     num_blocks_total: int
@@ -167,6 +234,7 @@ class SelectionResult:
     layers_pattern: str
     task_type: str | None = None
     stop_reason: str = "steps"
+    planned_steps: int | None = None
     trajectory_steps: list[int] = field(default_factory=list)
     alpha_trajectory: list[list[float]] = field(default_factory=list)
     val_loss_curve: list[float] = field(default_factory=list)
@@ -458,6 +526,21 @@ class FlexoraSearch:
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         self.progress = saved["progress"]
 
+    def _stable_reason(self, window: int) -> str | None:
+        """Why the search may stop now (selection unchanged for `window` steps and alpha's ranking settled
+        against `window` steps ago), or None."""
+        p = self.progress
+        recent = p.setdefault("recent_alpha", [])
+        recent.append(self.gates.alpha.tolist())
+        del recent[: -(window + 1)]
+        if p["stable_steps"] < window or len(recent) <= window:
+            return None
+        rho = rank_correlation(recent[0], recent[-1])
+        if rho < self.config.stable_rank_corr:
+            return None
+        return (f"stable: selection unchanged for {window} steps and alpha's rank correlation with step "
+                f"{p['step'] - window} is {rho:.3f} (>= {self.config.stable_rank_corr})")
+
     def _record(self) -> None:
         self.progress["trajectory_steps"].append(self.progress["step"])
         self.progress["alpha_trajectory"].append(self.gates.alpha.tolist())
@@ -497,8 +580,8 @@ class FlexoraSearch:
             blocks, threshold = self.current_selection()
             p["stable_steps"] = p["stable_steps"] + 1 if p["blocks"] == list(blocks) else 0
             p["blocks"] = list(blocks)
-            if config.stop_when_stable and p["stable_steps"] >= config.stop_when_stable:
-                p["stop_reason"] = f"selection unchanged for {p['stable_steps']} steps"
+            if config.stop_when_stable:
+                p["stop_reason"] = self._stable_reason(config.stop_when_stable)
             last = p["step"] == self.total_steps or p["stop_reason"] is not None
             if p["step"] % self.record_every == 0 or last:
                 self._record()
@@ -526,7 +609,7 @@ class FlexoraSearch:
             task=str(self.identity.get("task", "")),
             target_modules=tuple(self.identity.get("target_modules") or self.layout.target_modules),
             layers_pattern=self.layout.pattern, task_type=self.identity.get("task_type"),
-            stop_reason=p["stop_reason"] or f"completed {p['step']} steps",
+            stop_reason=p["stop_reason"] or f"completed {p['step']} steps", planned_steps=self.total_steps,
             trajectory_steps=list(p["trajectory_steps"]),
             alpha_trajectory=[list(a) for a in p["alpha_trajectory"]],
             val_loss_curve=list(p["val_loss_curve"]), train_loss_curve=list(p["train_loss_curve"]),
@@ -550,27 +633,36 @@ def prepare_search(
     model: str = "default",
     task: str | dict | TaskSpec | TaskData = "default",
     seed: int = 0,
+    *,
+    finetune: FinetuneSettings | dict[str, Any] | None = None,
     **settings: Any,
 ) -> FlexoraSearch:
     """Load `model` for `task`, attach seeded LoRA to every block and gate it: a search ready to `run`.
 
-    The search set is the first `search_train_size` training examples (None: up to 5,000), visited in a
-    seeded order per epoch; search-validation batches cycle through the task's ``search_val`` split in a
-    seeded order. Keyword `settings` are the fields of `SearchSettings`.
+    The search set (`search_set_size`) is visited in a seeded order per epoch; search-validation batches
+    cycle through the task's ``search_val`` split in a seeded order. Without `steps`, the search is sized
+    against `finetune` (the settings of the fine-tune that follows; None: one pass over the search set), see
+    `default_search_steps`. Keyword `settings` are the fields of `SearchSettings`.
     """
     config: SearchSettings = settings_from(SearchSettings, settings)
+    if isinstance(finetune, dict):
+        finetune = settings_from(FinetuneSettings, finetune)
     data = task if isinstance(task, TaskData) else load_task(task)
     if not data.search_val:
         raise ValueError(f"{data.spec.name} has no search_val split; set the task's search_val_size")
-    size = config.search_train_size or min(len(data.train), 5000)
-    search_set = data.train[:size]
+    search_set = data.train[: search_set_size(len(data.train), config, finetune)]
     if not search_set:
         raise ValueError(f"{data.spec.name} has no training examples to search with")
+    total_steps = config.steps or default_search_steps(len(data.train), config, finetune)
+    if total_steps < SHORT_SEARCH and not config.steps:
+        warnings.warn(f"the search is sized to only {total_steps} steps (the reference's share of a "
+                      f"{planned_steps(len(data.train), finetune) if finetune else 'one-pass'}-step fine-tune); "
+                      "alpha may not have separated the blocks yet: set steps= for a longer search", stacklevel=2)
     session = open_lora_session(model, data, None, config, seed)
     steps_per_epoch = math.ceil(len(search_set) / config.batch_size)
-    total_steps = config.steps or steps_per_epoch
     val_size = config.val_batch_size or config.batch_size
-    max_length, kind, tokenizer, device = data.spec.max_length, data.kind, session.tokenizer, session.device
+    max_length = config.max_length or data.spec.max_length
+    kind, tokenizer, device = data.kind, session.tokenizer, session.device
 
     def train_batch(step: int):
         epoch, position = divmod(step, steps_per_epoch)
@@ -597,6 +689,7 @@ def search_layers(
     task: str | dict | TaskSpec | TaskData = "default",
     seed: int = 0,
     *,
+    finetune: FinetuneSettings | dict[str, Any] | None = None,
     on_step: OnStep | None = None,
     resume_from: str | Path | None = None,
     verbose: bool = False,
@@ -608,10 +701,10 @@ def search_layers(
     steps on the search-validation split (see `prepare_search`), then applies the selection rule.
     ``on_step(metrics, save_state)`` is called every `report_every` steps and at the end; `save_state(dir)`
     writes a checkpoint that ``resume_from=dir`` continues exactly (same seed and settings). Keyword
-    `settings` are the fields of `SearchSettings`. Raises FloatingPointError, naming the step, if a loss or
-    alpha stops being finite.
+    `settings` are the fields of `SearchSettings`; `finetune` (the following fine-tune's settings) sizes a
+    search without `steps`. Raises FloatingPointError, naming the step, if a loss or alpha stops being finite.
     """
-    search = prepare_search(model, task, seed, **settings)
+    search = prepare_search(model, task, seed, finetune=finetune, **settings)
     return search.run(on_step=on_step, resume_from=resume_from, verbose=verbose)
 
 
@@ -651,7 +744,7 @@ def run_pipeline(
     """
     search = dict(search or {})
     data = task if isinstance(task, TaskData) else load_task(task)
-    selection = search_layers(model, data, seed, verbose=verbose, **search)
     tune = {**{k: search[k] for k in _CARRIED if k in search}, **(finetune or {})}
+    selection = search_layers(model, data, seed, finetune=tune, verbose=verbose, **search)
     result = finetune_blocks(model, data, blocks=selection.selection, seed=seed, verbose=verbose, **tune)
     return PipelineResult(selection, result)

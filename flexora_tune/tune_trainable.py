@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .blocks import BlockSelection, format_blocks, parse_blocks
-from .finetune import FinetuneSettings, settings_from
+from .finetune import FinetuneSettings, planned_steps, settings_from
 from .search.encoding import BLOCKS_KEY, LAYERS_KEY, num_blocks_of, selection_from_config
 from .tasks import TaskData, load_task
 
@@ -43,7 +43,8 @@ class TrialConfig:
 
     `settings` holds only the keys of the running stage's settings class; keys meant for the other stage
     (e.g. ``epochs`` in a search trial) are dropped, so one base config serves both stages. The nested
-    dicts ``config["search"]`` / ``config["finetune"]`` override settings for one stage only.
+    dicts ``config["search"]`` / ``config["finetune"]`` override settings for one stage only. A search
+    trial keeps the fine-tune's settings in `finetune_settings`, to size itself against that fine-tune.
     """
 
     model: str = "default"
@@ -54,6 +55,7 @@ class TrialConfig:
     variant: str = ""
     selection: BlockSelection | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
+    finetune_settings: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -91,6 +93,10 @@ def parse_config(config: Mapping[str, Any], num_blocks: int | None = None) -> Tr
         if bad:
             raise ValueError(f"unknown {name} setting(s) {bad} in config[{name!r}]; valid: {sorted(valid)}")
     settings.update(config.get(stage) or {})
+    finetune_settings = {}
+    if stage == "search":
+        finetune_settings = {k: v for k, v in config.items() if k in finetune_keys}
+        finetune_settings.update(config.get("finetune") or {})
     reserved = {*IDENTITY_KEYS, *SUBSET_KEYS, *STAGE_OVERRIDE_KEYS}
     unknown = sorted(k for k in config if k not in reserved and k not in own and k not in other)
     if unknown:
@@ -109,15 +115,8 @@ def parse_config(config: Mapping[str, Any], num_blocks: int | None = None) -> Tr
     return TrialConfig(
         model=config.get("model", "default"), task=config.get("task", "default"), seed=seed, stage=stage,
         strategy=str(strategy) if strategy else None, variant=str(config.get("variant") or ""),
-        selection=selection, settings=settings,
+        selection=selection, settings=settings, finetune_settings=finetune_settings,
     )
-
-
-def planned_steps(train_size: int, settings: FinetuneSettings) -> int:
-    """The number of optimizer steps `finetune` runs for a training set of `train_size` examples."""
-    n = min(train_size, settings.max_train_examples) if settings.max_train_examples else train_size
-    total = settings.epochs * math.ceil(n / settings.batch_size)
-    return min(total, settings.max_steps) if settings.max_steps else total
 
 
 def ray_runtime_settings() -> dict[str, Any]:
@@ -240,8 +239,9 @@ def _run_search(trial: TrialConfig, settings: dict[str, Any], identity: dict[str
         if finished is not None and finished.exists():
             result = SelectionResult.from_json(finished.read_text())
         else:
-            result = search_layers(trial.model, trial.task, trial.seed, on_step=on_step, resume_from=resume_from,
-                                   **settings)
+            sized_for = settings_from(FinetuneSettings, dict(trial.finetune_settings))
+            result = search_layers(trial.model, trial.task, trial.seed, finetune=sized_for, on_step=on_step,
+                                   resume_from=resume_from, **settings)
 
     def save_selection(directory: str) -> None:
         (Path(directory) / SELECTION_FILE).write_text(result.to_json())

@@ -16,13 +16,16 @@ from transformers import AutoModelForSequenceClassification
 
 import flexora_tune as ft
 from flexora_tune.blocks import BlockSelection, attach_lora, find_blocks
-from flexora_tune.finetune import LoraSettings, open_lora_session
+from flexora_tune.finetune import FinetuneSettings, LoraSettings, open_lora_session, planned_steps
 from flexora_tune.flexora import (
     STATE_FILE,
     FlexoraSearch,
     SearchSettings,
     SelectionResult,
+    default_search_steps,
     prepare_search,
+    rank_correlation,
+    search_set_size,
     select_blocks,
 )
 from flexora_tune.gates import BlockGates
@@ -331,8 +334,51 @@ def test_search_settings_are_validated():
 
 def test_stable_selection_stops_the_search_and_says_why():
     result = _planted_search(0, steps=200, stop_when_stable=15).run()
-    assert result.steps < 200 and "unchanged for 15 steps" in result.stop_reason
+    assert result.steps < result.planned_steps == 200 and "unchanged for 15 steps" in result.stop_reason
     assert result.blocks == GOOD and result.trajectory_steps[-1] == result.steps
+
+
+def test_a_stopped_search_is_exactly_the_start_of_the_full_search():
+    full = _planted_search(1, steps=60, record_every=1).run()
+    stopped = _planted_search(1, steps=60, record_every=1, stop_when_stable=5).run()
+    assert stopped.steps < 60 and stopped.stop_reason.startswith("stable")
+    assert stopped.alpha == full.alpha_trajectory[stopped.steps - 1]
+    assert stopped.val_loss_curve == full.val_loss_curve[: stopped.steps]
+
+
+def test_stopping_also_waits_for_alphas_ranking_to_settle():
+    quick = _planted_search(1, steps=60, stop_when_stable=5, stable_rank_corr=-1.0).run()
+    settled = _planted_search(1, steps=60, stop_when_stable=5, stable_rank_corr=0.99).run()
+    assert quick.steps < settled.steps
+    rho = float(re.search(r"rank correlation with step \d+ is ([\d.]+)", settled.stop_reason).group(1))
+    assert rho >= 0.99
+
+
+def test_rank_correlation_is_spearmans_rho_with_tied_ranks():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
+    assert rank_correlation([0, 0, 0], [1, 2, 3]) == 0.0
+
+
+def test_default_search_length_keeps_the_reference_proportion_to_the_fine_tune():
+    search = SearchSettings()
+    reference = default_search_steps(20_000, search, FinetuneSettings())
+    assert reference == 625 and planned_steps(20_000, FinetuneSettings()) == 12 * reference
+    assert default_search_steps(1_500, search) == 188  # no fine-tune given: one pass over the search set
+    assert default_search_steps(1_500, search, FinetuneSettings(max_steps=30)) == round(188 * 30 / 564)
+    small = FinetuneSettings(max_train_examples=128, epochs=5)
+    assert search_set_size(1_500, search, small) == 128 and default_search_steps(1_500, search, small) == 16
+    assert default_search_steps(1_500, SearchSettings(steps=7), small) == 16  # `steps` is applied by the search
+
+
+def test_a_search_sized_against_its_fine_tune_and_cut_to_the_search_length(tiny_llama_dir, task):
+    tune = FinetuneSettings(max_train_examples=24, epochs=2, batch_size=8)
+    with pytest.warns(UserWarning, match="only 3 steps"):
+        search = prepare_search(str(tiny_llama_dir), task, seed=0, finetune=tune, max_length=8)
+    assert search.total_steps == 3
+    assert search.train_batch(0).input_ids.shape[-1] <= 8 and search.val_batch(0).input_ids.shape[-1] <= 8
+    assert prepare_search(str(tiny_llama_dir), task, seed=0, steps=2).total_steps == 2
 
 
 def test_non_finite_values_stop_the_search_naming_the_step(tiny_llama_dir, task):

@@ -7,8 +7,9 @@ import pickle
 import pytest
 
 from flexora_tune import FinetuneSettings
+from flexora_tune.finetune import planned_steps
 from flexora_tune.search import encode_layers
-from flexora_tune.tune_trainable import parse_config, planned_steps
+from flexora_tune.tune_trainable import parse_config
 
 
 def test_defaults_are_a_plain_lora_finetune():
@@ -30,6 +31,7 @@ def test_each_stage_keeps_its_settings_and_rejects_unknown_keys():
     search = parse_config({**config, "stage": "search"})
     assert dict(finetune.settings) == {"epochs": 2, "lr": 1e-3, "r": 4, "max_steps": 3}
     assert dict(search.settings) == {"steps": 5, "lr": 5e-3, "r": 4}
+    assert dict(search.finetune_settings) == dict(finetune.settings)  # what the search is sized against
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['epoch'\]"):
         parse_config({"epoch": 3})
     with pytest.raises(ValueError, match="unknown search setting"):
