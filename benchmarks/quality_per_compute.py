@@ -207,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="default", help="model name/path, or 'tiny' for a smoke test (default)")
     parser.add_argument("--task", default="default", help="task name or file (default: BBC News)")
     parser.add_argument("--max-length", type=int, default=None, help="token cut-off per example (task setting)")
+    parser.add_argument("--val-size", type=int, default=None, help="validation examples (task setting)")
+    parser.add_argument("--test-size", type=int, default=None, help="test examples (task setting)")
     parser.add_argument("--strategies", default=",".join(ALL_STRATEGIES), help="comma-separated (default: all six)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per strategy (default 3)")
     parser.add_argument("--trials", type=int, default=4, help="fine-tunes per strategy and seed (default 4)")
@@ -217,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a trial setting (JSON value), repeatable: max_steps=200, eval_every=50, lr=2e-4, "
                              "search.steps=100 (nested: search only)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once per experiment")
+    parser.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs (torch threads) per trial (default 1)")
     parser.add_argument("--storage-path", default=None,
                         help="Ray Tune storage (default: <out>/ray; a temporary folder for --model tiny)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
@@ -243,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         model, task = _tiny(Path(tmp)) if args.model == "tiny" else (args.model, args.task)
         if args.model == "tiny":
             args.task = "tiny keyword CSV"
-        if args.max_length:
-            task = {"source": task, "max_length": args.max_length}
+        overrides = {"max_length": args.max_length, "val_size": args.val_size, "test_size": args.test_size}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides:
+            task = {"source": task, **overrides}
         load.sample()
         trials = compare(out=out, model=model, task=task, strategies=strategies, seeds=args.seeds,
                          trials=args.trials, budget_s=args.budget_s, k=args.k, settings=settings,
                          storage_path=args.storage_path or (str(Path(tmp) / "ray") if args.model == "tiny" else None),
-                         max_concurrent=args.max_concurrent, resume=args.resume)
+                         max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, resume=args.resume)
         load.sample()
     seed_rows, summary = analyse(trials)
     for directory in {out, RESULTS}:

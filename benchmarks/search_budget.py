@@ -1,21 +1,23 @@
-"""What the Flexora search costs against one all-blocks fine-tune, what stopping it early changes, and how the
-selection generalises where all-blocks LoRA overfits. No Ray: the core's `search_layers` and `finetune`.
+"""What the Flexora search costs against one all-blocks fine-tune, what stopping it early changes, what a longer
+search would buy, and how the selection generalises where all-blocks LoRA overfits. No Ray: the core's
+`search_layers` and `finetune`.
 
-Per seed, on one model and task (default: the embedded default in the small-data regime below):
-  1. an all-blocks LoRA fine-tune (the cost and quality reference);
-  2. the full-length search, sized by the default rule (`default_search_steps`: the reference's share of the
-     fine-tune), alpha recorded every step;
-  3. the same search with stop-when-stable, run for real; from the full search's trajectory, also where each
-     window in `--windows` would have stopped and what it would have selected;
-  4. fine-tunes on the full search's selection, the stopped search's (when it differs), the last k blocks and
-     a seeded random k blocks, k = the stopped search's size.
-It writes `<name>.json` (everything), `<name>.csv` (one row per fine-tune), `<name>.md` and
-`<name>_trajectory.png` to benchmarks/results/.
+Per seed, on one model and task (default: the embedded default in the small-data regime below), four searches,
+each recording alpha at every step:
+  - ``sized``: the default length (`default_search_steps`, the reference's share of the fine-tune);
+  - ``sized, stopped``: the same with stop-when-stable (`--window` steps);
+  - ``long``: `--long-steps` steps (default: as many as the fine-tune has, about twice its compute), the
+    full-length search the cheap ones are held against;
+  - ``long, stopped``: the long search with stop-when-stable;
+then fine-tunes of all blocks, of each distinct selection, of the last k and of a seeded random k blocks
+(k = the sized search's count). Every window in `--windows` is also replayed on the full trajectories (a
+stopped search is exactly the start of the full one). It writes `<name>.json` (everything), `<name>.csv` (one
+row per fine-tune), `<name>.md` and `<name>_trajectory.png` to benchmarks/results/.
 
-Small-data regime (the default): the first 96 training articles, 5 epochs (60 steps of 8), lr 5e-3, 48 tokens;
-the search then makes one pass over those 96 articles (12 steps).
+Small-data regime (the default): the first 96 training articles, 5 epochs (60 steps of 8), lr 5e-3, 48 tokens,
+150 validation and 300 test articles; the sized search makes one pass over those 96 articles (12 steps).
 
-    .venv/bin/python benchmarks/search_budget.py                          # ~30 min on 2 CPU cores
+    .venv/bin/python benchmarks/search_budget.py                          # ~50 min on 2 CPU cores
     .venv/bin/python benchmarks/search_budget.py --model tiny --seeds 2   # smoke test, a minute
 """
 
@@ -43,7 +45,8 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-ARMS = ("all", "flexora (full search)", "flexora (stopped search)", "last-k", "random-k")
+SEARCHES = ("sized", "sized, stopped", "long", "long, stopped")
+ARMS = ("all", *(f"flexora ({name})" for name in SEARCHES), "last-k", "random-k")
 
 
 def jaccard(a: set[int], b: set[int]) -> float:
@@ -60,25 +63,33 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def where_it_stops(full: Any, window: int, rank_corr: float) -> tuple[int, tuple[int, ...]]:
-    """The step at which a search with stop-when-stable `window` would stop, replayed on the full search's
-    per-step alpha trajectory (a stopped search is exactly the start of the full one), and its selection."""
-    from flexora_tune.flexora import rank_correlation, select_blocks
+def where_it_stops(search: dict[str, Any], window: int, rank_corr: float) -> tuple[int, tuple[int, ...]]:
+    """The step at which stop-when-stable with `window` would end `search` (a result dict with alpha at every
+    step), replayed on its trajectory, and the selection there."""
+    from flexora_tune.flexora import rank_correlation
 
-    s = full.settings
-    chosen = [select_blocks(a, s["rule"], s["top_k"], s["min_blocks"], s["max_blocks"])[0]
-              for a in full.alpha_trajectory]
+    chosen = selections(search)
+    trajectory = search["alpha_trajectory"]
     unchanged = 0
     for i in range(1, len(chosen) + 1):
         unchanged = unchanged + 1 if i > 1 and chosen[i - 1] == chosen[i - 2] else 0
         if unchanged >= window and i > window:
-            if rank_correlation(full.alpha_trajectory[i - 1 - window], full.alpha_trajectory[i - 1]) >= rank_corr:
+            if rank_correlation(trajectory[i - 1 - window], trajectory[i - 1]) >= rank_corr:
                 return i, chosen[i - 1]
     return len(chosen), chosen[-1]
 
 
+def selections(search: dict[str, Any]) -> list[tuple[int, ...]]:
+    """The selection after every recorded step of a search result dict."""
+    from flexora_tune.flexora import select_blocks
+
+    s = search["settings"]
+    return [select_blocks(a, s["rule"], s["top_k"], s["min_blocks"], s["max_blocks"])[0]
+            for a in search["alpha_trajectory"]]
+
+
 def run_seed(model: str, data: Any, seed: int, tune: dict[str, Any], search: dict[str, Any],
-             window: int, windows: list[int]) -> dict[str, Any]:
+             window: int, windows: list[int], long_steps: int) -> dict[str, Any]:
     from flexora_tune.finetune import finetune
     from flexora_tune.flexora import search_layers
 
@@ -93,25 +104,33 @@ def run_seed(model: str, data: Any, seed: int, tune: dict[str, Any], search: dic
         return row
 
     runs = [fine_tune(None, "all")]
-    full = search_layers(model, data, seed, finetune=tune, record_every=1, stop_when_stable=None, **search)
-    stopped = search_layers(model, data, seed, finetune=tune, record_every=1, stop_when_stable=window, **search)
-    print(f"[search_budget] seed {seed} searches: full {full.steps} steps {list(full.blocks)} "
-          f"({full.compute_s:.0f}s); stopped {stopped.steps} steps {list(stopped.blocks)} "
-          f"({stopped.compute_s:.0f}s): {stopped.stop_reason}", flush=True)
-    runs.append(fine_tune(full.blocks, "flexora (full search)"))
-    if stopped.blocks == full.blocks:
-        runs.append({**runs[-1], "arm": "flexora (stopped search)"})
-    else:
-        runs.append(fine_tune(stopped.blocks, "flexora (stopped search)"))
-    k, total = stopped.num_blocks, stopped.num_blocks_total
+    lengths = {"sized": {}, "long": {"steps": long_steps}}
+    searches = {}
+    for name in SEARCHES:
+        length = lengths[name.split(",")[0]]
+        stop = window if name.endswith("stopped") else None
+        found = search_layers(model, data, seed, finetune=tune, record_every=1, stop_when_stable=stop,
+                              **length, **search)
+        searches[name] = found.to_dict()
+        print(f"[search_budget] seed {seed} search {name}: {found.steps}/{found.planned_steps} steps "
+              f"{list(found.blocks)} ({found.compute_s:.0f}s): {found.stop_reason}", flush=True)
+    done: dict[tuple[int, ...], dict[str, Any]] = {}
+    for name, found in searches.items():
+        blocks = tuple(found["blocks"])
+        if blocks not in done:
+            done[blocks] = fine_tune(list(blocks), f"flexora ({name})")
+        runs.append({**done[blocks], "arm": f"flexora ({name})"})
+    k, total = len(searches["sized"]["blocks"]), searches["sized"]["num_blocks_total"]
     runs.append(fine_tune(list(range(total - k, total)), "last-k"))
     runs.append(fine_tune(sorted(random.Random(f"random-k:{seed}").sample(range(total), k)), "random-k"))
     replay = []
-    for w in windows:
-        step, blocks = where_it_stops(full, w, stopped.settings["stable_rank_corr"])
-        replay.append({"seed": seed, "window": w, "stop_step": step, "full_steps": full.steps,
-                       "num_blocks": len(blocks), "jaccard_with_full": jaccard(set(blocks), set(full.blocks))})
-    return {"seed": seed, "full": full.to_dict(), "stopped": stopped.to_dict(), "finetunes": runs, "replay": replay}
+    for name in ("sized", "long"):
+        full = searches[name]
+        for w in windows:
+            step, blocks = where_it_stops(full, w, full["settings"]["stable_rank_corr"])
+            replay.append({"seed": seed, "search": name, "window": w, "stop_step": step, "full_steps": full["steps"],
+                           "num_blocks": len(blocks), "jaccard_with_full": jaccard(set(blocks), set(full["blocks"]))})
+    return {"seed": seed, "searches": searches, "finetunes": runs, "replay": replay}
 
 
 def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -127,53 +146,53 @@ def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
                      "test_min": min(r["test_accuracy"] for r in rows),
                      "test_max": max(r["test_accuracy"] for r in rows),
                      "num_blocks_mean": math.fsum(r["num_blocks"] for r in rows) / len(rows)})
-    per_seed = []
+    per_search = []
     for record in seeds:
         runs = {r["arm"]: r for r in record["finetunes"]}
-        full, stopped, base = record["full"], record["stopped"], runs["all"]["compute_s"]
-        per_seed.append({
-            "seed": record["seed"], "all_blocks_finetune_s": base,
-            "full_search_steps": full["steps"], "full_search_s": full["compute_s"],
-            "stopped_search_steps": stopped["steps"], "stopped_search_s": stopped["compute_s"],
-            "steps_saved": full["steps"] - stopped["steps"],
-            "jaccard_stopped_vs_full": jaccard(set(stopped["blocks"]), set(full["blocks"])),
-            "full_blocks": stopped_text(full["blocks"]), "stopped_blocks": stopped_text(stopped["blocks"]),
-            "pipeline_ratio_full": (full["compute_s"] + runs["flexora (full search)"]["compute_s"]) / base,
-            "pipeline_ratio_stopped": (stopped["compute_s"] + runs["flexora (stopped search)"]["compute_s"]) / base,
-            "search_share_stopped": stopped["compute_s"] / base, "stop_reason": stopped["stop_reason"],
-        })
-    return {"arms": arms, "per_seed": per_seed}
+        base = runs["all"]["compute_s"]
+        for name, found in record["searches"].items():
+            reference = record["searches"]["long" if name.startswith("long") else "sized"]
+            per_search.append({
+                "seed": record["seed"], "search": name, "steps": found["steps"],
+                "planned_steps": found["planned_steps"],
+                "search_s": found["compute_s"], "search_share": found["compute_s"] / base,
+                "blocks": format_list(found["blocks"]), "num_blocks": len(found["blocks"]),
+                "jaccard_with_unstopped": jaccard(set(found["blocks"]), set(reference["blocks"])),
+                "jaccard_with_long": jaccard(set(found["blocks"]), set(record["searches"]["long"]["blocks"])),
+                "all_blocks_finetune_s": base,
+                "pipeline_ratio": (found["compute_s"] + runs[f"flexora ({name})"]["compute_s"]) / base,
+                "test_accuracy": runs[f"flexora ({name})"]["test_accuracy"], "stop_reason": found["stop_reason"],
+            })
+    return {"arms": arms, "per_search": per_search}
 
 
-def stopped_text(blocks: list[int]) -> str:
+def format_list(blocks: list[int]) -> str:
     from flexora_tune.blocks import format_blocks
 
     return format_blocks(blocks)
 
 
-def plot_trajectories(seeds: list[dict[str, Any]], path: Path) -> Path | None:
-    """Per seed: the full search's selection overlap with its own final selection, step by step, and where
-    the stopped search ended."""
+def plot_trajectories(seeds: list[dict[str, Any]], path: Path) -> Path:
+    """Per seed: how much the long search's selection at each step overlaps its final selection, and where the
+    sized search and the stopped long search ended."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from flexora_tune.flexora import select_blocks
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
     for record in seeds:
-        full, stopped = record["full"], record["stopped"]
-        s = full["settings"]
-        final = set(full["blocks"])
-        overlap = [jaccard(set(select_blocks(a, s["rule"], s["top_k"], s["min_blocks"], s["max_blocks"])[0]), final)
-                   for a in full["alpha_trajectory"]]
-        line, = ax.plot(full["trajectory_steps"], overlap, marker=".", label=f"seed {record['seed']}")
-        ax.axvline(stopped["steps"], color=line.get_color(), linestyle="--", linewidth=1)
+        long = record["searches"]["long"]
+        final = set(long["blocks"])
+        overlap = [jaccard(set(chosen), final) for chosen in selections(long)]
+        line, = ax.plot(long["trajectory_steps"], overlap, marker=".", label=f"seed {record['seed']}")
+        ax.axvline(record["searches"]["long, stopped"]["steps"], color=line.get_color(), linestyle="--", linewidth=1)
+    ax.axvline(seeds[0]["searches"]["sized"]["planned_steps"], color="grey", linestyle=":", linewidth=1.5,
+               label="sized search length")
     ax.set_xlabel("search step")
     ax.set_ylabel("Jaccard overlap with the final selection")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Selection during the full search (dashed: where stop-when-stable ended)", fontsize=9)
+    ax.set_title("Long search: selection vs its final one (dashed: where stop-when-stable ended)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -185,31 +204,31 @@ def write_markdown(path: Path, result: dict[str, Any], info: dict[str, Any], com
                    load: dict[str, float], settings: dict[str, Any]) -> None:
     summary = result["summary"]
     text = header_markdown("Flexora search budget, stop-when-stable and the small-data regime", info, command, load)
-    text += (f"\n- Model `{settings['model']}`, task `{settings['task']}`; fine-tune settings "
-             f"`{json.dumps(settings['finetune'])}`; search settings `{json.dumps(settings['search'])}` "
-             f"(length from `default_search_steps`), stop-when-stable window {settings['window']}; seeds "
-             f"{settings['seeds']}.\n- `compute_s` counts training and validation evaluation; the test set is "
-             "evaluated apart and never chooses anything.\n\n")
-    text += "## Per seed: search cost and stop-when-stable\n\n"
-    text += markdown_table(
-        ["seed", "all-blocks fine-tune (s)", "full search steps (s)", "stopped search steps (s)", "steps saved",
-         "Jaccard stopped vs full", "full selection", "stopped selection", "pipeline / all-blocks (full)",
-         "pipeline / all-blocks (stopped)"],
-        [[r["seed"], fmt(r["all_blocks_finetune_s"], 0), f"{r['full_search_steps']} ({fmt(r['full_search_s'], 0)})",
-          f"{r['stopped_search_steps']} ({fmt(r['stopped_search_s'], 0)})", r["steps_saved"],
-          fmt(r["jaccard_stopped_vs_full"]), r["full_blocks"], r["stopped_blocks"],
-          fmt(r["pipeline_ratio_full"]), fmt(r["pipeline_ratio_stopped"])] for r in summary["per_seed"]])
-    text += "\n\n## Test accuracy per arm (mean ± standard error over seeds, [min, max])\n\n"
+    text += (f"\n- Model `{settings['model']}`, task `{settings['task']}` (split sizes {settings['sizes']}); "
+             f"fine-tune settings `{json.dumps(settings['finetune'])}`; search settings "
+             f"`{json.dumps(settings['search'])}`; long search {settings['long_steps']} steps; stop-when-stable "
+             f"window {settings['window']}; seeds {settings['seeds']}.\n- `compute_s` counts training and "
+             "validation evaluation; the test set is evaluated apart and never chooses anything. *pipeline*: "
+             "search + fine-tune on its selection, over one all-blocks fine-tune of the same seed.\n\n")
+    text += "## Test accuracy per arm (mean ± standard error over seeds, [min, max])\n\n"
     text += markdown_table(
         ["arm", "test accuracy", "[min, max]", "val accuracy", "blocks (mean)"],
         [[a["arm"], f"{fmt(a['test_mean'], 3)} ± {fmt(a['test_se'], 3)}",
           f"[{fmt(a['test_min'], 3)}, {fmt(a['test_max'], 3)}]", f"{fmt(a['val_mean'], 3)} ± {fmt(a['val_se'], 3)}",
           fmt(a["num_blocks_mean"], 1)] for a in summary["arms"]])
-    text += "\n\n## Other stop-when-stable windows, replayed on the full searches\n\n"
-    text += markdown_table(["seed", "window", "would stop at step", "of", "blocks", "Jaccard with full"],
-                           [[r["seed"], r["window"], r["stop_step"], r["full_steps"], r["num_blocks"],
+    text += "\n\n## Per seed and search: cost, stop-when-stable, overlap\n\n"
+    text += markdown_table(
+        ["seed", "search", "steps run / planned", "search (s)", "search / all-blocks fine-tune",
+         "pipeline / all-blocks", "selection", "Jaccard with unstopped", "Jaccard with long",
+         "test accuracy", "why it ended"],
+        [[r["seed"], r["search"], f"{r['steps']} / {r['planned_steps']}", fmt(r["search_s"], 0),
+          fmt(r["search_share"]), fmt(r["pipeline_ratio"]), r["blocks"], fmt(r["jaccard_with_unstopped"]),
+          fmt(r["jaccard_with_long"]), fmt(r["test_accuracy"], 3), r["stop_reason"]] for r in summary["per_search"]])
+    text += "\n\n## Other stop-when-stable windows, replayed on the unstopped searches\n\n"
+    text += markdown_table(["seed", "search", "window", "would stop at step", "of", "blocks", "Jaccard with unstopped"],
+                           [[r["seed"], r["search"], r["window"], r["stop_step"], r["full_steps"], r["num_blocks"],
                              fmt(r["jaccard_with_full"])] for rec in result["seeds"] for r in rec["replay"]])
-    text += f"\n\n![selection during the search]({path.stem}_trajectory.png)\n"
+    text += f"\n\n![selection during the long search]({path.stem}_trajectory.png)\n"
     path.write_text(text)
 
 
@@ -234,6 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-size", type=int, default=300)
     parser.add_argument("--window", type=int, default=4, help="stop-when-stable window of the stopped search")
     parser.add_argument("--windows", default="2,3,4,6,8", help="windows replayed on the full search")
+    parser.add_argument("--long-steps", type=int, default=None,
+                        help="steps of the long search (default: the fine-tune's step count)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--name", default=None, help="result stem (default search_budget, or *_tiny_smoke)")
     return parser.parse_args(argv)
@@ -243,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     name = args.name or ("search_budget_tiny_smoke" if args.model == "tiny" else "search_budget")
     command, info, load = command_line(), machine_info(), LoadSampler()
+    from flexora_tune.finetune import FinetuneSettings, planned_steps, settings_from
     from flexora_tune.tasks import load_task
 
     tune = {"max_train_examples": args.train_examples, "epochs": args.epochs, "lr": args.lr,
@@ -254,14 +276,16 @@ def main(argv: list[str] | None = None) -> int:
         data = load_task({"source": task, "max_length": args.max_length, "val_size": args.val_size,
                           "test_size": args.test_size})
         windows = [int(w) for w in args.windows.split(",") if w]
+        long_steps = args.long_steps or planned_steps(len(data.train), settings_from(FinetuneSettings, tune))
         seeds = []
         for seed in range(args.seeds):
             load.sample()
-            seeds.append(run_seed(model, data, seed, tune, search, args.window, windows))
+            seeds.append(run_seed(model, data, seed, tune, search, args.window, windows, long_steps))
     load.sample()
     shown_task = "tiny keyword CSV" if args.model == "tiny" else args.task
     result = {"settings": {"model": args.model, "task": shown_task, "finetune": tune, "search": search,
-                           "window": args.window, "seeds": args.seeds, "sizes": data.sizes()},
+                           "long_steps": long_steps, "window": args.window, "seeds": args.seeds,
+                           "sizes": data.sizes()},
               "seeds": seeds, "summary": summarise(seeds), "machine": info, "command": command}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{name}.json", result)

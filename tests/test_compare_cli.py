@@ -86,9 +86,12 @@ def test_search_then_finetune_the_written_selection(tiny_llama_dir, tiny_csv, tm
 
     selection = tmp_path / "selection.json"
     common = ["--model", str(tiny_llama_dir), "--task", str(tiny_csv), "--max-length", "32", "--lr", "1e-2"]
-    assert main(["search", *common, "--steps", "4", "--out", str(selection)]) == 0
+    sized = ["--max-train-examples", "32", "--epochs", "1", "--search-max-length", "16", "--stop-when-stable", "0"]
+    with pytest.warns(UserWarning, match="only 4 steps"):  # one pass over the fine-tune's 32 examples
+        assert main(["search", *common, *sized, "--out", str(selection)]) == 0
     found = SelectionResult.from_json(selection.read_text())
-    assert found.num_blocks_total == 4 and found.steps == 4
+    assert found.num_blocks_total == 4 and found.steps == found.planned_steps == 4
+    assert found.settings["max_length"] == 16 and found.settings["stop_when_stable"] is None
     out = tmp_path / "finetune.json"
     assert main(["finetune", *common, "--selection", str(selection), "--max-steps", "3", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["blocks"] == list(found.blocks)
