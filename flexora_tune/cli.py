@@ -98,7 +98,8 @@ def _default_stable() -> int | None:
 
 
 def _search_settings(args: argparse.Namespace) -> dict[str, Any]:
-    settings = {"steps": args.search_steps, "max_length": args.search_max_length, "val_batches": args.val_batches}
+    settings = {"steps": args.search_steps, "search_max_length": args.search_max_length,
+                "val_batches": args.val_batches}
     settings = {k: v for k, v in settings.items() if v is not None}
     if args.stop_when_stable is not None:
         settings["stop_when_stable"] = args.stop_when_stable or None

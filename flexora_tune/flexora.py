@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
@@ -61,22 +62,23 @@ class SearchSettings(LoraSettings):
     precedes is capped, so the search keeps the reference's share of the compute. The search set is the
     first `search_train_size` training examples (None: up to 5,000, and never more than the fine-tune
     trains on). Each gate step accumulates the loss of `val_batches` search-validation batches of
-    `val_batch_size` (None: `batch_size`) examples; `max_length` (None: the task's) cuts search sequences.
+    `val_batch_size` (None: `batch_size`) examples; `search_max_length` (None: the task's) cuts search sequences.
     LoRA: AdamW, `lr` with cosine decay after `warmup_ratio` warm-up; gates: Adam, `alpha_lr`, constant, no
     decay. `hypergradient` is ``first_order`` (the reference) or ``second_order`` (DARTS one-step unrolled,
     with virtual step size `unroll_lr`, None: the current LoRA learning rate). `rule` ``mean`` keeps blocks
     with alpha above the mean, ``top_k`` the `top_k` largest; `min_blocks`/`max_blocks` bound either.
-    `stop_when_stable` (None: run every step) ends the search once the selection has not changed for that
-    many steps and alpha's ranking has settled: its Spearman correlation with alpha that many steps earlier
-    is at least `stable_rank_corr`. `on_step` is called every `report_every` steps; alpha is recorded every
-    `record_every` steps (None: every step, thinned to at most 1,000 records).
+    `stop_when_stable` (default 4; None runs every step) ends the search once the selection has not changed
+    for that many steps and alpha's ranking has settled: its Spearman correlation with alpha that many steps
+    earlier is at least `stable_rank_corr` (benchmarks/results/search_budget.md: what it saves). `on_step`
+    is called every `report_every` steps; alpha is recorded every `record_every` steps (None: every step,
+    thinned to at most 1,000 records).
     """
 
     steps: int | None = None
     search_train_size: int | None = None
     val_batches: int = 1
     val_batch_size: int | None = None
-    max_length: int | None = None
+    search_max_length: int | None = None
     lr: float = 1e-4
     alpha_lr: float = 0.01
     weight_decay: float = 0.0
@@ -89,21 +91,21 @@ class SearchSettings(LoraSettings):
     max_blocks: int | None = None
     report_every: int = 10
     record_every: int | None = None
-    stop_when_stable: int | None = None
+    stop_when_stable: int | None = 4
     stable_rank_corr: float = 0.9
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive(self, "val_batches", "lr", "alpha_lr", "min_blocks", "report_every")
-        for name in ("steps", "search_train_size", "val_batch_size", "max_length", "top_k", "max_blocks",
+        for name in ("steps", "search_train_size", "val_batch_size", "search_max_length", "top_k", "max_blocks",
                      "record_every", "stop_when_stable", "unroll_lr"):
             value = getattr(self, name)
             if value is not None:
                 _check_positive(self, name)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_length is not None and self.max_length < 8:
-            raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
+        if self.search_max_length is not None and self.search_max_length < 8:
+            raise ValueError(f"search_max_length must be at least 8 tokens, got {self.search_max_length}")
         if not -1 <= self.stable_rank_corr <= 1:
             raise ValueError(f"stable_rank_corr is a correlation in [-1, 1], got {self.stable_rank_corr}")
         if not 0 <= self.warmup_ratio < 1:
@@ -187,27 +189,10 @@ def default_search_steps(train_size: int, search: SearchSettings, finetune: Fine
 def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman's rank correlation of two equally long sequences (ties share their mean rank); 0 when either
     is constant, since a constant sequence has no ranking."""
-
-    def ranks(values: Sequence[float]) -> list[float]:
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        result = [0.0] * len(values)
-        start = 0
-        while start < len(order):
-            end = start
-            while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-                end += 1
-            for position in range(start, end + 1):
-                result[order[position]] = (start + end) / 2
-            start = end + 1
-        return result
-
     if len(a) != len(b):
         raise ValueError(f"rank_correlation needs equally long sequences, got {len(a)} and {len(b)}")
-    ra, rb = ranks(a), ranks(b)
-    mean = (len(a) - 1) / 2
-    da, db = [r - mean for r in ra], [r - mean for r in rb]
-    norm = math.sqrt(math.fsum(x * x for x in da) * math.fsum(y * y for y in db))
-    return math.fsum(x * y for x, y in zip(da, db, strict=True)) / norm if norm > 0 else 0.0
+    rho = pd.Series(a, dtype=float).rank().corr(pd.Series(b, dtype=float).rank())
+    return 0.0 if math.isnan(rho) else float(rho)
 
 
 @dataclass
@@ -527,8 +512,8 @@ class FlexoraSearch:
         self.progress = saved["progress"]
 
     def _stable_reason(self, window: int) -> str | None:
-        """Why the search may stop now (selection unchanged for `window` steps and alpha's ranking settled
-        against `window` steps ago), or None."""
+        """Record this step's alpha; say why the search may stop now (selection unchanged for `window` steps
+        and alpha's ranking settled against `window` steps ago), or None."""
         p = self.progress
         recent = p.setdefault("recent_alpha", [])
         recent.append(self.gates.alpha.tolist())
@@ -661,7 +646,7 @@ def prepare_search(
     session = open_lora_session(model, data, None, config, seed)
     steps_per_epoch = math.ceil(len(search_set) / config.batch_size)
     val_size = config.val_batch_size or config.batch_size
-    max_length = config.max_length or data.spec.max_length
+    max_length = config.search_max_length or data.spec.max_length
     kind, tokenizer, device = data.kind, session.tokenizer, session.device
 
     def train_batch(step: int):

@@ -164,7 +164,8 @@ def trainable(config: dict[str, Any]) -> None:
     `FinetuneSettings` or `SearchSettings` field (each stage keeps its own and ignores the other's), and the
     nested dicts ``search``/``finetune`` for settings of one stage only. Unknown keys fail the trial.
     Defaults are the method's reference (fine-tune: 3 epochs, lr 1e-4, r 8; search: the reference's share
-    of the fine-tune given by the same config, see `default_search_steps`); tiny test runs set e.g. ``max_steps``/``eval_every`` and ``steps``/``report_every``.
+    of the fine-tune given by the same config, see `default_search_steps`); tiny test runs set e.g.
+    ``max_steps``/``eval_every`` and ``steps``/``report_every``.
     torch threads default to the CPUs Ray assigned the trial, the device to CUDA when it was given a GPU.
 
     Reported after every epoch / ``eval_every`` steps (fine-tune) or every ``report_every`` steps (search),

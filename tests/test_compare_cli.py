@@ -91,7 +91,7 @@ def test_search_then_finetune_the_written_selection(tiny_llama_dir, tiny_csv, tm
         assert main(["search", *common, *sized, "--out", str(selection)]) == 0
     found = SelectionResult.from_json(selection.read_text())
     assert found.num_blocks_total == 4 and found.steps == found.planned_steps == 4
-    assert found.settings["max_length"] == 16 and found.settings["stop_when_stable"] is None
+    assert found.settings["search_max_length"] == 16 and found.settings["stop_when_stable"] is None
     out = tmp_path / "finetune.json"
     assert main(["finetune", *common, "--selection", str(selection), "--max-steps", "3", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["blocks"] == list(found.blocks)

@@ -222,7 +222,7 @@ def _planted_search(seed: int, blocks=None, **settings) -> FlexoraSearch:
     selection = BlockSelection(blocks or range(NUM_BLOCKS), NUM_BLOCKS)
     model = attach_lora(model, selection, selection.to_lora_config(layout, r=1, lora_alpha=1), layout)
     config = SearchSettings(**{"r": 1, "lora_alpha": 1, "lr": 0.05, "alpha_lr": 0.05, "batch_size": 32,
-                               "steps": 60, **settings})
+                               "steps": 60, "stop_when_stable": None, **settings})
     return FlexoraSearch(
         model, layout, lambda m, b: ((m(b.x) - b.y) ** 2).mean(), lambda i: _planted_batch(seed, i, False),
         lambda j: _planted_batch(seed, j, True), config, total_steps=config.steps, seed=seed,
@@ -263,7 +263,7 @@ def test_search_finds_the_planted_helpful_blocks(hypergradient):
 
 
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_search(tiny_llama_dir, task, tmp_path):
-    kwargs = dict(seed=2, steps=7, lr=1e-2, alpha_lr=0.05, report_every=3, record_every=1)
+    kwargs = dict(seed=2, steps=7, lr=1e-2, alpha_lr=0.05, report_every=3, record_every=1, stop_when_stable=None)
     seen = []
     full = ft.search_layers(str(tiny_llama_dir), task, on_step=lambda m, s: seen.append(m), **kwargs)
     assert [m["step"] for m in seen] == [3, 6, 7]
@@ -375,7 +375,7 @@ def test_default_search_length_keeps_the_reference_proportion_to_the_fine_tune()
 def test_a_search_sized_against_its_fine_tune_and_cut_to_the_search_length(tiny_llama_dir, task):
     tune = FinetuneSettings(max_train_examples=24, epochs=2, batch_size=8)
     with pytest.warns(UserWarning, match="only 3 steps"):
-        search = prepare_search(str(tiny_llama_dir), task, seed=0, finetune=tune, max_length=8)
+        search = prepare_search(str(tiny_llama_dir), task, seed=0, finetune=tune, search_max_length=8)
     assert search.total_steps == 3
     assert search.train_batch(0).input_ids.shape[-1] <= 8 and search.val_batch(0).input_ids.shape[-1] <= 8
     assert prepare_search(str(tiny_llama_dir), task, seed=0, steps=2).total_steps == 2
