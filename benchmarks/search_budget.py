@@ -66,16 +66,15 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def where_it_stops(search: dict[str, Any], window: int, rank_corr: float) -> tuple[int, tuple[int, ...]]:
     """The step at which stop-when-stable with `window` would end `search` (a result dict with alpha at every
     step), replayed on its trajectory, and the selection there."""
-    from flexora_tune.flexora import rank_correlation
+    from flexora_tune.flexora import settled_correlation
 
     chosen = selections(search)
     trajectory = search["alpha_trajectory"]
     unchanged = 0
     for i in range(1, len(chosen) + 1):
         unchanged = unchanged + 1 if i > 1 and chosen[i - 1] == chosen[i - 2] else 0
-        if unchanged >= window and i > window:
-            if rank_correlation(trajectory[i - 1 - window], trajectory[i - 1]) >= rank_corr:
-                return i, chosen[i - 1]
+        if settled_correlation(unchanged, trajectory[:i], window, rank_corr) is not None:
+            return i, chosen[i - 1]
     return len(chosen), chosen[-1]
 
 

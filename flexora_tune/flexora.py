@@ -195,6 +195,18 @@ def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
     return 0.0 if math.isnan(rho) else float(rho)
 
 
+def settled_correlation(
+    stable_steps: int, recent_alpha: Sequence[Sequence[float]], window: int, threshold: float
+) -> float | None:
+    """The stop-when-stable criterion: alpha's rank correlation with `window` steps ago when the selection
+    has been unchanged for `stable_steps` >= `window` steps and that correlation is at least `threshold`;
+    otherwise None. `recent_alpha` holds alpha after each step, ending with the current one."""
+    if stable_steps < window or len(recent_alpha) <= window:
+        return None
+    rho = rank_correlation(recent_alpha[-1 - window], recent_alpha[-1])
+    return rho if rho >= threshold else None
+
+
 @dataclass
 class SelectionResult:
     """What a search found and what it cost: the kept blocks, the final alpha and gates, their history,
@@ -518,10 +530,8 @@ class FlexoraSearch:
         recent = p.setdefault("recent_alpha", [])
         recent.append(self.gates.alpha.tolist())
         del recent[: -(window + 1)]
-        if p["stable_steps"] < window or len(recent) <= window:
-            return None
-        rho = rank_correlation(recent[0], recent[-1])
-        if rho < self.config.stable_rank_corr:
+        rho = settled_correlation(p["stable_steps"], recent, window, self.config.stable_rank_corr)
+        if rho is None:
             return None
         return (f"stable: selection unchanged for {window} steps and alpha's rank correlation with step "
                 f"{p['step'] - window} is {rho:.3f} (>= {self.config.stable_rank_corr})")

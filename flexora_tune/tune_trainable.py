@@ -84,7 +84,6 @@ def parse_config(config: Mapping[str, Any], num_blocks: int | None = None) -> Tr
     except ImportError:  # the Flexora search is optional for fine-tune-only sweeps
         search_keys = frozenset()
     own, other = (search_keys, finetune_keys) if stage == "search" else (finetune_keys, search_keys)
-    settings = {k: v for k, v in config.items() if k in own}
     for name, valid in (("search", search_keys), ("finetune", finetune_keys)):
         overrides = config.get(name) or {}
         if not isinstance(overrides, Mapping):
@@ -92,11 +91,12 @@ def parse_config(config: Mapping[str, Any], num_blocks: int | None = None) -> Tr
         bad = sorted(set(overrides) - valid)
         if bad:
             raise ValueError(f"unknown {name} setting(s) {bad} in config[{name!r}]; valid: {sorted(valid)}")
-    settings.update(config.get(stage) or {})
-    finetune_settings = {}
-    if stage == "search":
-        finetune_settings = {k: v for k, v in config.items() if k in finetune_keys}
-        finetune_settings.update(config.get("finetune") or {})
+
+    def stage_settings(name: str, keys: frozenset[str]) -> dict[str, Any]:
+        return {**{k: v for k, v in config.items() if k in keys}, **(config.get(name) or {})}
+
+    settings = stage_settings(stage, own)
+    finetune_settings = stage_settings("finetune", finetune_keys) if stage == "search" else {}
     reserved = {*IDENTITY_KEYS, *SUBSET_KEYS, *STAGE_OVERRIDE_KEYS}
     unknown = sorted(k for k in config if k not in reserved and k not in own and k not in other)
     if unknown:
@@ -240,9 +240,8 @@ def _run_search(trial: TrialConfig, settings: dict[str, Any], identity: dict[str
         if finished is not None and finished.exists():
             result = SelectionResult.from_json(finished.read_text())
         else:
-            sized_for = settings_from(FinetuneSettings, dict(trial.finetune_settings))
-            result = search_layers(trial.model, trial.task, trial.seed, finetune=sized_for, on_step=on_step,
-                                   resume_from=resume_from, **settings)
+            result = search_layers(trial.model, trial.task, trial.seed, finetune=dict(trial.finetune_settings),
+                                   on_step=on_step, resume_from=resume_from, **settings)
 
     def save_selection(directory: str) -> None:
         (Path(directory) / SELECTION_FILE).write_text(result.to_json())
