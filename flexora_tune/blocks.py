@@ -41,6 +41,53 @@ def format_blocks(blocks: Iterable[int] | None) -> str:
     return "" if blocks is None else ",".join(str(int(b)) for b in sorted(blocks))
 
 
+def compact_blocks(blocks: Iterable[int] | None) -> str:
+    """The display form of a block set: ``[0, 1, 2, 3, 7, 8]`` -> ``"0-3,7,8"`` (runs of three or more as
+    ranges; ``"-"`` for none). `parse_block_list` reads it back."""
+    if not blocks:
+        return "-"
+    runs: list[list[int]] = []
+    for b in sorted(blocks):
+        if runs and b == runs[-1][1] + 1:
+            runs[-1][1] = b
+        else:
+            runs.append([b, b])
+    return ",".join(f"{lo}-{hi}" if hi - lo >= 2 else ",".join(map(str, range(lo, hi + 1))) for lo, hi in runs)
+
+
+def parse_block_list(text: str) -> list[int]:
+    """Blocks a user typed: ``"0,3,5-7"`` -> ``[0, 3, 5, 6, 7]`` (commas or spaces between parts).
+
+    Raises ValueError naming the bad part (not a number, a reversed range such as ``3-1``, or nothing given).
+    """
+    blocks: list[int] = []
+    for part in (p for p in re.split(r"[,\s]+", text.strip()) if p):
+        lo_text, dash, hi_text = part.partition("-")
+        if not lo_text.isdigit() or (dash and not hi_text.isdigit()):
+            raise ValueError(f"bad block list {text!r}: {part!r} is not a block index or a range like 5-7")
+        lo, hi = int(lo_text), int(hi_text) if dash else int(lo_text)
+        if hi < lo:
+            raise ValueError(f"bad block list {text!r}: {part!r} is a reversed range; write {hi}-{lo}")
+        blocks.extend(range(lo, hi + 1))
+    if not blocks:
+        raise ValueError(f"bad block list {text!r}: no block given; use e.g. 0,3,5-7")
+    return blocks
+
+
+def rank_blocks(scores: Sequence[float]) -> list[int]:
+    """Block indices from the highest score to the lowest (ties: lower index first). The one ranking used
+    for Flexora's alpha, TPE's start points and every probe."""
+    values = [float(v) for v in scores]
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))
+
+
+def top_k_blocks(scores: Sequence[float], k: int) -> tuple[int, ...]:
+    """The `k` blocks with the highest scores, in block order (ties to the lower index)."""
+    if not 0 <= k <= len(scores):
+        raise ValueError(f"k must be in 0..{len(scores)} (the number of blocks), got {k}")
+    return tuple(sorted(rank_blocks(scores)[:k]))
+
+
 def parse_blocks(value: Any) -> tuple[int, ...] | None:
     """Block indices from a result or table cell: ``"0,3,7"``, a JSON list ``"[0, 3, 7]"``, or a sequence.
 

@@ -14,18 +14,13 @@ import pandas as pd
 
 
 def block_list_arg(text: str) -> list[int]:
-    """Parse ``"0,3,5-7"`` into ``[0, 3, 5, 6, 7]``."""
-    blocks: list[int] = []
+    """Parse ``"0,3,5-7"`` into ``[0, 3, 5, 6, 7]`` (see `blocks.parse_block_list`)."""
+    from .blocks import parse_block_list
+
     try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                blocks.extend(range(lo, hi + 1))
-            else:
-                blocks.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad block list {text!r}; use e.g. 0,3,5-7") from None
-    return blocks
+        return parse_block_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _task_arg(args: argparse.Namespace) -> str | dict[str, Any]:

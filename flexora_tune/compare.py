@@ -19,11 +19,10 @@ import pandas as pd
 
 from .blocks import BlockLayout
 from .models import load_model_layout
-from .report import META_FILE, TRAJECTORIES_FILE
-from .tune_trainable import SELECTION_FILE, parse_config
+from .results import EXPERIMENTS_FILE, FINETUNE_METRICS, META_FILE, TRAJECTORIES_FILE, check_metric_mode, read_selection
+from .tune_trainable import parse_config
 
 STRATEGIES = ("flexora", "random", "tpe", "all", "first-k", "last-k")
-EXPERIMENTS_FILE = "finished_experiments.json"  # what `resume` must not run again
 
 
 @dataclass(frozen=True)
@@ -66,8 +65,7 @@ class CompareConfig:
             raise ValueError(f"budget_s must be positive, got {self.budget_s}")
         if self.k is not None and self.k < 1:
             raise ValueError(f"k must be a positive int, got {self.k}")
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        check_metric_mode(self.metric, self.mode)
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < -1:
@@ -94,7 +92,7 @@ def _compute_stopper(budget_s: float):
     return ComputeBudget()
 
 
-def _progress_callback(label: str, planned: int):
+def _progress_callback(label: str, planned: int, metric: str):
     """One line per finished trial, so a long comparison shows where it is."""
     from ray.tune import Callback
 
@@ -111,8 +109,8 @@ def _progress_callback(label: str, planned: int):
         def _line(self, trial, status: str) -> None:
             self.done += 1
             r = trial.last_result or {}
-            metric = r.get("val_accuracy")
-            shown = f"val_accuracy {metric:.3f}" if isinstance(metric, float) and math.isfinite(metric) else ""
+            value = r.get(metric)
+            shown = f"{metric} {value:.3f}" if isinstance(value, float) and math.isfinite(value) else ""
             print(f"[compare] {label}: trial {self.done}/{planned} {status} {r.get('stage', '')} "
                   f"blocks [{r.get('blocks', '')}] {shown} compute {r.get('compute_s', 0):.0f}s", flush=True)
 
@@ -136,7 +134,7 @@ def _searcher(name: str, cfg: CompareConfig, seed: int, k: int | None):
     return StaticLayerSearcher(metric, mode, rule=rule, k=k if rule != "all" else None, seeds=[seed]), 1
 
 
-def _trial_rows(grid, strategy: str, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _trial_rows(grid, strategy: str, seed: int, metric: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One row per trial of a finished experiment, and the search trials' gate trajectories."""
     rows, trajectories = [], {}
     for result in grid:
@@ -149,22 +147,18 @@ def _trial_rows(grid, strategy: str, seed: int) -> tuple[list[dict[str, Any]], d
             "trial_id": trial_id, "strategy": strategy, "seed": seed, "stage": stage,
             "variant": m.get("variant") or config.get("variant", ""), "blocks": m.get("blocks", ""),
             "num_blocks": m.get("num_blocks"), "num_blocks_total": m.get("num_blocks_total"),
-            "trainable_params": m.get("trainable_params"), "val_accuracy": m.get("val_accuracy"),
-            "test_accuracy": m.get("test_accuracy"), "train_loss": m.get("train_loss"),
+            "trainable_params": m.get("trainable_params"),
+            **{key: m.get(key) for key in dict.fromkeys((*FINETUNE_METRICS, metric))},
             "compute_s": m.get("compute_s", 0.0), "node": m.get("node_ip", ""),
             "node_id": m.get("node_id", ""),
             "start_time": m.get("start_time"), "end_time": m.get("report_time"), "status": status,
             "steps": m.get("step"), "alpha": json.dumps(m["alpha"]) if stage == "search" and "alpha" in m else "",
             "error": str(result.error).splitlines()[0][:300] if result.error else "",
         })
-        if stage == "search" and result.checkpoint is not None:
-            with result.checkpoint.as_directory() as directory:
-                path = Path(directory) / SELECTION_FILE
-                if path.exists():
-                    data = json.loads(path.read_text())
-                    trajectories[trial_id] = {"strategy": strategy, "seed": seed,
-                                              "steps": data.get("trajectory_steps", []),
-                                              "alpha": data.get("alpha_trajectory", [])}
+        data = read_selection(result.checkpoint) if stage == "search" else None
+        if data is not None:
+            trajectories[trial_id] = {"strategy": strategy, "seed": seed, "steps": data.get("trajectory_steps", []),
+                                      "alpha": data.get("alpha_trajectory", [])}
     return rows, trajectories
 
 
@@ -190,7 +184,7 @@ def _run_experiment(name: str, cfg: CompareConfig, seed: int, k: int | None, sto
             print(f"[compare] {experiment}: already finished; reading its results from {path}", flush=True)
             return tune.Tuner.restore(path, trainable=trainable).get_results()
         print(f"[compare] {experiment}: resuming from {path}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         return _fit(tuner)
     if cfg.resume and finished:
         raise RuntimeError(f"cannot resume: {experiment} finished earlier but its Tune state is gone from {path}; "
@@ -202,10 +196,10 @@ def _run_experiment(name: str, cfg: CompareConfig, seed: int, k: int | None, sto
         trainable,
         param_space=dict(base),
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=planned,
-                                    max_concurrent_trials=cfg.max_concurrent, reuse_actors=False),
+                                    max_concurrent_trials=cfg.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name=experiment, storage_path=storage, stop=stopper, verbose=0,
-            callbacks=[_progress_callback(experiment, planned)],
+            callbacks=[_progress_callback(experiment, planned, cfg.metric)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -300,7 +294,7 @@ def compare(out: str | Path = "results/compare", **options: Any) -> pd.DataFrame
             experiment = f"{name}_seed{seed}"
             grid = _run_experiment(name, cfg, seed, k if name in ("random", "first-k", "last-k") else None,
                                    storage, base, finished=experiment in done)
-            new_rows, new_traj = _trial_rows(grid, name, seed)
+            new_rows, new_traj = _trial_rows(grid, name, seed, cfg.metric)
             rows.extend(new_rows)
             trajectories.update(new_traj)
             write_trials(pd.DataFrame(rows), out)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from .blocks import BlockLayout, BlockSelection
+from .blocks import BlockLayout, BlockSelection, rank_blocks
 from .finetune import (
     FinetuneResult,
     FinetuneSettings,
@@ -142,7 +142,7 @@ def select_blocks(
         raise ValueError("alpha is empty: there are no blocks to select from")
     if min_blocks > total:
         raise ValueError(f"min_blocks={min_blocks} but the model has only {total} blocks")
-    ranked = sorted(range(total), key=lambda i: (-values[i], i))
+    ranked = rank_blocks(values)
     if rule == "mean":
         threshold = math.fsum(values) / total
         chosen = [i for i in range(total) if values[i] > threshold]
@@ -282,9 +282,9 @@ class SelectionResult:
     def from_analysis(cls, analysis: Any, metric: str = "val_accuracy", mode: str = "max") -> SelectionResult:
         """The search result behind a Ray Tune run (`tune.run`'s analysis or `Tuner.fit`'s result grid): the
         search whose selection's fine-tune scored best on the validation `metric`."""
-        from .tune_trainable import selection_from_analysis
+        from .results import best_search_selection, trial_outcomes
 
-        return selection_from_analysis(analysis, metric, mode)
+        return cls.from_dict(best_search_selection(trial_outcomes(analysis), metric, mode))
 
     @classmethod
     def from_json(cls, text: str) -> SelectionResult:

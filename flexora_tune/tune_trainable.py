@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import tempfile
 import time
 from collections.abc import Mapping
@@ -12,8 +11,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from .blocks import BlockSelection, format_blocks, parse_blocks
+from .blocks import BlockSelection, format_blocks
 from .finetune import FinetuneSettings, planned_steps, settings_from
+from .results import FINETUNE_METRICS, SELECTION_FILE, best_search_selection, trial_outcomes
 from .search.encoding import BLOCKS_KEY, LAYERS_KEY, num_blocks_of, selection_from_config
 from .tasks import TaskData, load_task
 
@@ -21,9 +21,7 @@ Stage = Literal["search", "finetune"]
 IDENTITY_KEYS = ("model", "task", "seed", "stage", "strategy", "variant")
 SUBSET_KEYS = (LAYERS_KEY, BLOCKS_KEY)
 STAGE_OVERRIDE_KEYS = ("search", "finetune")
-FINETUNE_METRICS = ("val_accuracy", "val_loss", "test_accuracy", "train_loss")
 NAN = float("nan")
-SELECTION_FILE = "selection.json"
 _CURVES = ("trajectory_steps", "alpha_trajectory", "val_loss_curve", "train_loss_curve")
 
 
@@ -253,35 +251,10 @@ def _run_search(trial: TrialConfig, settings: dict[str, Any], identity: dict[str
              "progress": 1.0, "final": True}, save_selection)
 
 
-def _trial_outcomes(analysis) -> list[tuple[dict[str, Any], Any]]:
-    """(last result, latest checkpoint) per trial of an `ExperimentAnalysis` (tune.run) or `ResultGrid`
-    (Tuner.fit)."""
-    if hasattr(analysis, "trials"):
-        return [(dict(t.last_result or {}), t.checkpoint) for t in analysis.trials]
-    return [(dict(r.metrics or {}), r.checkpoint) for r in analysis]
-
-
 def selection_from_analysis(analysis, metric: str = "val_accuracy", mode: str = "max"):
-    """The Flexora `SelectionResult` behind a Tune run: the search whose selection's fine-tune scored best on
-    `metric` (a validation metric), or the first search when none of its selections was fine-tuned."""
+    """The Flexora `SelectionResult` behind a Tune run (`ExperimentAnalysis` or `ResultGrid`): the search whose
+    selection's fine-tune scored best on `metric` (a validation metric), or the first search when none of
+    its selections was fine-tuned."""
     from .flexora import SelectionResult
 
-    searches: list[SelectionResult] = []
-    scored: list[tuple[float, tuple[int, ...]]] = []
-    for result, checkpoint in _trial_outcomes(analysis):
-        if result.get("stage") == "search" and checkpoint is not None:
-            with checkpoint.as_directory() as directory:
-                path = Path(directory) / SELECTION_FILE
-                if path.exists():
-                    searches.append(SelectionResult.from_json(path.read_text()))
-        value = result.get(metric)
-        if result.get("stage") == "finetune" and isinstance(value, int | float) and math.isfinite(value):
-            scored.append((value if mode == "max" else -value, parse_blocks(result.get("blocks")) or ()))
-    if not searches:
-        raise ValueError("no finished Flexora search trial in this analysis: run it with FlexoraSearcher "
-                         "(or a trial config with stage='search')")
-    for _, blocks in sorted(scored, key=lambda s: -s[0]):
-        match = next((s for s in searches if tuple(s.blocks) == tuple(blocks)), None)
-        if match is not None:
-            return match
-    return searches[0]
+    return SelectionResult.from_dict(best_search_selection(trial_outcomes(analysis), metric, mode))

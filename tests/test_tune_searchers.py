@@ -9,6 +9,7 @@ import pytest
 from ray.tune.search import Searcher
 
 from flexora_tune.blocks import parse_blocks
+from flexora_tune.blocks import top_k_blocks as top_k
 from flexora_tune.search import (
     FlexoraSearcher,
     RandomLayerSearcher,
@@ -18,7 +19,7 @@ from flexora_tune.search import (
     selection_from_config,
     tpe_searcher,
 )
-from flexora_tune.search.flexora import consensus, top_k
+from flexora_tune.search.flexora import consensus
 
 L = 6
 

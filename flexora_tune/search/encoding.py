@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..blocks import BlockSelection, format_blocks  # noqa: F401  (re-exported)
+from ..blocks import BlockSelection, format_blocks, parse_block_list  # noqa: F401  (format_blocks re-exported)
 
 LAYERS_KEY = "layers"
 BLOCKS_KEY = "blocks"
@@ -64,7 +64,7 @@ def selection_from_config(config: Mapping[str, Any], num_blocks: int | None) -> 
         return selection
     if blocks is not None:
         if isinstance(blocks, str):
-            blocks = [int(b) for b in blocks.replace(",", " ").split()]
+            blocks = parse_block_list(blocks)
         if num_blocks is None:
             raise ValueError("config['blocks'] needs the model's number of blocks")
         return BlockSelection(tuple(blocks), num_blocks)

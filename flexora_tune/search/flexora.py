@@ -7,7 +7,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from ..blocks import parse_blocks
+from ..blocks import parse_blocks, top_k_blocks
 from .base import LayerSearcher
 from .encoding import encode_layers, is_number
 
@@ -22,12 +22,6 @@ def consensus(selections: Sequence[Sequence[int]]) -> tuple[int, ...]:
         return ()
     majority = tuple(sorted(b for b, n in votes.items() if n * 2 > len(selections)))
     return majority or tuple(sorted(b for b, n in votes.items() if n == max(votes.values())))
-
-
-def top_k(alpha: Sequence[float], k: int) -> tuple[int, ...]:
-    """The `k` blocks with the highest alpha (ties to the lower index)."""
-    order = sorted(range(len(alpha)), key=lambda i: (-alpha[i], i))
-    return tuple(sorted(order[:k]))
 
 
 class FlexoraSearcher(LayerSearcher):
@@ -146,7 +140,7 @@ class FlexoraSearcher(LayerSearcher):
             for d in range(1, self._neighbours + 1):
                 for k in (len(agreed) - d, len(agreed) + d):
                     if 1 <= k <= total:
-                        subsets.append((f"top{k}", top_k(mean, k)))
+                        subsets.append((f"top{k}", top_k_blocks(mean, k)))
         return [
             {"stage": "finetune", "strategy": self.strategy, "variant": variant, "seed": seed,
              "layers": encode_layers(blocks, total), "_blocks": blocks}

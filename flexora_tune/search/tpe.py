@@ -17,6 +17,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from ..blocks import top_k_blocks
 from .base import check_mode, check_resolved
 from .encoding import LAYERS_KEY, encode_layers, is_number, layer_keys, num_blocks_of
 
@@ -33,8 +34,7 @@ class ExactKSpace:
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         scores = [trial.suggest_float(f"score_{key}", 0.0, 1.0) for key in layer_keys(self.num_blocks)]
-        order = sorted(range(self.num_blocks), key=lambda i: (-scores[i], i))
-        return {LAYERS_KEY: encode_layers(order[: self.k], self.num_blocks)}
+        return {LAYERS_KEY: encode_layers(top_k_blocks(scores, self.k), self.num_blocks)}
 
 
 def binary_space(num_blocks: int) -> dict[str, CategoricalDistribution]:
