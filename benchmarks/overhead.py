@@ -12,9 +12,9 @@ peak RSS above the baseline (the step's working memory: activations and gradient
 
 Variants:
   lora          the plain LoRA step as `finetune` does it (forward, backward, AdamW, cosine schedule)
-  first_order   `FlexoraSearch.step` with hypergradient first_order: the LoRA step with gated blocks, then
+  first_order   `BilevelLoop.step` with hypergradient first_order: the LoRA step with gated blocks, then
                 the gate step (forward/backward of a validation batch to alpha, Adam on alpha)
-  second_order  `FlexoraSearch.step` with hypergradient second_order (DARTS one-step unrolled)
+  second_order  `BilevelLoop.step` with hypergradient second_order (DARTS one-step unrolled)
 Inside the search variants, the parts of a step (the LoRA half, the gate half) are timed and their peaks read
 too. The validation batch is the same batch as the training batch, so the only difference is the work done.
 

@@ -134,10 +134,15 @@ def _strategies(text: str) -> tuple[str, ...]:
     return names
 
 
-def _print_summary(out: str | Path) -> None:
+def _print_summary(out: str | Path, metric: str | None = None) -> None:
+    """Print the summary table of results folder `out`, headed by the metric it was ranked by."""
     from .report import format_summary
+    from .results import DEFAULT_METRIC, META_FILE, SUMMARY_CSV_FILE
 
-    print(format_summary(pd.read_csv(Path(out) / "summary.csv")))
+    if metric is None:
+        meta = Path(out) / META_FILE
+        metric = (json.loads(meta.read_text()).get("metric") if meta.is_file() else None) or DEFAULT_METRIC
+    print(format_summary(pd.read_csv(Path(out) / SUMMARY_CSV_FILE), metric))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -153,8 +158,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         trials=args.trials, budget_s=args.budget_s, k=args.k, settings=settings, address=args.address,
         storage_path=args.storage_path, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent, resume=args.resume, max_failures=args.max_failures,
+        metric=args.metric, mode=args.mode,
     )
-    _print_summary(args.out)
+    _print_summary(args.out, args.metric)
     print(f"results in {Path(args.out).resolve()}")
     return 0
 
@@ -163,7 +169,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
     written = write_report(args.dir, metric=args.metric)
-    _print_summary(args.dir)
+    _print_summary(args.dir, args.metric)
     for path in written.values():
         print(f"wrote {path}")
     return 0
@@ -236,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fine-tunes per strategy and seed; static rules need one (default: %(default)s)")
     cmp.add_argument("--budget-s", type=float, help="compute seconds per strategy and seed, searches included")
     cmp.add_argument("--k", type=int, help="blocks for first-k, last-k and random (default: Flexora's count)")
+    cmp.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_loss"),
+                     help="validation metric that ranks trials and picks the winner (default: %(default)s)")
+    cmp.add_argument("--mode", choices=("max", "min"),
+                     help="whether higher or lower --metric is better (default: max for accuracy, min for loss)")
     cmp.add_argument("--out", default="results/compare", help="results folder (default: %(default)s)")
     ray_group = cmp.add_argument_group("Ray")
     ray_group.add_argument("--address", help="an existing Ray cluster (e.g. auto or ray://head:10001)")

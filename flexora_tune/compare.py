@@ -19,7 +19,17 @@ import pandas as pd
 
 from .blocks import BlockLayout
 from .models import load_model_layout
-from .results import EXPERIMENTS_FILE, FINETUNE_METRICS, META_FILE, TRAJECTORIES_FILE, check_metric_mode, read_selection
+from .results import (
+    EXPERIMENTS_FILE,
+    FINETUNE_METRICS,
+    META_FILE,
+    TRAJECTORIES_FILE,
+    VAL_ACCURACY,
+    VAL_LOSS,
+    check_metric_mode,
+    infer_mode,
+    read_selection,
+)
 from .tune_trainable import parse_config
 
 STRATEGIES = ("flexora", "random", "tpe", "all", "first-k", "last-k")
@@ -33,22 +43,40 @@ class CompareConfig:
     for that seed (the paper's same-size comparison), or half the blocks when Flexora is not run."""
 
     model: str = "default"
+    """Model name, HF id or directory (see `models.load_model`)."""
     task: str | Mapping[str, Any] = "default"
+    """Task name, file, HF dataset, or a dict of `TaskSpec` fields."""
     strategies: tuple[str, ...] = ("flexora", "random", "all", "last-k")
+    """Strategies to compare, from `STRATEGIES`."""
     seeds: int = 1
+    """Seeds per strategy (seed s of every strategy sees the same data order)."""
     trials: int = 3
+    """Fine-tunes per strategy and seed (static rules need one)."""
     budget_s: float | None = None
+    """Compute seconds per strategy and seed, searches included; None: no time budget."""
     k: int | None = None
+    """Blocks of first-k, last-k and random subsets; None: Flexora's count for that seed (else half)."""
     metric: str = "val_accuracy"
-    mode: str = "max"
+    """Validation metric that ranks trials and picks the winner: ``val_accuracy`` or ``val_loss``."""
+    mode: str | None = None
+    """``max`` or ``min``; None: inferred from `metric` (min for losses)."""
     settings: Mapping[str, Any] = field(default_factory=dict)
+    """Trial settings shared by every strategy (fields of `FinetuneSettings`/`SearchSettings`, or the nested
+    ``search``/``finetune`` dicts)."""
     address: str | None = None
+    """An existing Ray cluster to join; None starts a local Ray."""
     storage_path: str | None = None
+    """Tune storage (s3://, gs://, NFS; shared by every node); None: ``<out>/ray``."""
     cpus_per_trial: float = 1
+    """CPUs Ray reserves per trial (torch's threads follow it)."""
     gpus_per_trial: float = 0
+    """GPUs per trial; fractions pack several trials on one GPU."""
     max_concurrent: int | None = None
+    """Trials at once per experiment; None: as many as resources allow."""
     resume: bool = False
+    """Continue an interrupted comparison in the same results folder."""
     max_failures: int = 1
+    """Retries per trial after a failure, each from its last checkpoint; -1 retries forever."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategies", tuple(self.strategies))
@@ -61,11 +89,19 @@ class CompareConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.budget_s is not None and self.budget_s <= 0:
-            raise ValueError(f"budget_s must be positive, got {self.budget_s}")
+        if self.budget_s is not None and not (isinstance(self.budget_s, int | float) and 0 < self.budget_s < math.inf):
+            raise ValueError(f"budget_s must be a positive number of seconds, got {self.budget_s!r}")
         if self.k is not None and self.k < 1:
             raise ValueError(f"k must be a positive int, got {self.k}")
+        if self.mode is None and isinstance(self.metric, str):
+            object.__setattr__(self, "mode", infer_mode(self.metric))
         check_metric_mode(self.metric, self.mode)
+        if self.metric not in (VAL_ACCURACY, VAL_LOSS):
+            raise ValueError(f"metric {self.metric!r} is not a validation metric the trials report; choose "
+                             f"{VAL_ACCURACY!r} (mode 'max') or {VAL_LOSS!r} (mode 'min')")
+        if self.mode != infer_mode(self.metric):
+            raise ValueError(f"mode {self.mode!r} would pick the worst trial by {self.metric!r}; use mode "
+                             f"{infer_mode(self.metric)!r}")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < -1:

@@ -86,3 +86,43 @@ def test_bad_inputs_get_clear_errors(tiny_llama_dir, tiny_csv, tmp_path):
 def test_nan_loss_stops_with_the_step_and_a_fix(tiny_llama_dir, tiny_csv):
     with pytest.raises(FloatingPointError, match=r"at step \d+: lower the learning rate"):
         finetune(str(tiny_llama_dir), _task(tiny_csv), lr=1e30, epochs=2)
+
+
+def _final_state(directory):
+    """An `on_eval` callback that checkpoints after every evaluation, so the last one holds the final state."""
+
+    def callback(metrics, save_state) -> None:
+        save_state(directory)
+
+    return callback
+
+
+def test_resumed_finetune_is_bit_identical_to_the_uninterrupted_run(tiny_llama_dir, tiny_csv, tmp_path):
+    """Dropout on, so the restored random state matters: weights, optimizer state and metrics all match."""
+    import torch
+
+    kwargs = dict(blocks=[0, 3], seed=2, epochs=3, lr=1e-2, lora_dropout=0.3)
+    full = finetune(str(tiny_llama_dir), _task(tiny_csv), on_eval=_final_state(tmp_path / "full"), **kwargs)
+    with pytest.raises(tiny.Preempted):
+        finetune(str(tiny_llama_dir), _task(tiny_csv), on_eval=tiny.save_then_preempt(tmp_path / "cut"), **kwargs)
+    resumed = finetune(str(tiny_llama_dir), _task(tiny_csv), resume_from=tmp_path / "cut",
+                       on_eval=_final_state(tmp_path / "resumed"), **kwargs)
+    a = torch.load(tmp_path / "full" / STATE_FILE, weights_only=True)
+    b = torch.load(tmp_path / "resumed" / STATE_FILE, weights_only=True)
+    assert a["weights"].keys() == b["weights"].keys() and a["weights"]
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizers"]["optimizer"]["state"][0].values(),
+                                                   b["optimizers"]["optimizer"]["state"][0].values(), strict=True))
+    untimed = [{k: v for k, v in h.items() if not k.endswith("_s")} for h in full.history]
+    assert [{k: v for k, v in h.items() if not k.endswith("_s")} for h in resumed.history] == untimed
+    assert (resumed.val_loss, resumed.test_accuracy) == (full.val_loss, full.test_accuracy)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tiny_llama_dir, tiny_csv, tmp_path):
+    with pytest.raises(tiny.Preempted):
+        finetune(str(tiny_llama_dir), _task(tiny_csv), blocks=[1], epochs=2,
+                 on_eval=tiny.save_then_preempt(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match=r"has blocks=\[1\] but this fine-tune has blocks=\[2\]"):
+        finetune(str(tiny_llama_dir), _task(tiny_csv), blocks=[2], epochs=2, resume_from=tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="no fine-tune state at"):
+        finetune(str(tiny_llama_dir), _task(tiny_csv), blocks=[1], epochs=2, resume_from=tmp_path / "nothing")

@@ -19,7 +19,7 @@ from flexora_tune.blocks import BlockSelection, attach_lora, find_blocks
 from flexora_tune.finetune import FinetuneSettings, LoraSettings, open_lora_session, planned_steps
 from flexora_tune.flexora import (
     STATE_FILE,
-    FlexoraSearch,
+    BilevelLoop,
     SearchSettings,
     SelectionResult,
     default_search_steps,
@@ -138,7 +138,7 @@ def test_second_order_hypergradient_matches_exact_unrolled_autograd():
     def loss(m, b):
         return F.cross_entropy(m(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b.targets)
 
-    search = FlexoraSearch(model, layout, loss, lambda i: train, lambda j: val,
+    search = BilevelLoop(model, layout, loss, lambda i: train, lambda j: val,
                            SearchSettings(hypergradient="second_order"), total_steps=1)
     with torch.no_grad():
         search.alpha.copy_(torch.tensor([0.3, -0.2, 0.5, -0.6], dtype=torch.float64))
@@ -215,7 +215,7 @@ def _planted_batch(seed: int, index: int, shifted: bool, n: int = 32) -> PointBa
     return PointBatch(torch.stack([signal, spurious], dim=1), y)
 
 
-def _planted_search(seed: int, blocks=None, **settings) -> FlexoraSearch:
+def _planted_search(seed: int, blocks=None, **settings) -> BilevelLoop:
     torch.manual_seed(seed)
     model = PlantedModel([0 if b in GOOD else 1 for b in range(NUM_BLOCKS)])
     layout = find_blocks(model)
@@ -223,7 +223,7 @@ def _planted_search(seed: int, blocks=None, **settings) -> FlexoraSearch:
     model = attach_lora(model, selection, selection.to_lora_config(layout, r=1, lora_alpha=1), layout)
     config = SearchSettings(**{"r": 1, "lora_alpha": 1, "lr": 0.05, "alpha_lr": 0.05, "batch_size": 32,
                                "steps": 60, "stop_when_stable": None, **settings})
-    return FlexoraSearch(
+    return BilevelLoop(
         model, layout, lambda m, b: ((m(b.x) - b.y) ** 2).mean(), lambda i: _planted_batch(seed, i, False),
         lambda j: _planted_batch(seed, j, True), config, total_steps=config.steps, seed=seed,
         identity={"model": "planted", "task": "shifted-regression"},

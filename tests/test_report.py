@@ -307,3 +307,36 @@ def test_block_map_still_draws_when_every_trial_failed(tmp_path):
     trials = make_trials()
     trials["status"], trials["val_accuracy"], trials["num_blocks_total"] = "ERROR", NAN, NAN
     assert plot_block_map(trials, tmp_path / "block_map.png").stat().st_size > 0
+
+
+def _folder_state(folder) -> dict:
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_non_validation_metric_is_refused_before_anything_is_written(tmp_path):
+    out = results_dir(tmp_path)
+    write_report(out)
+    trials = make_trials()
+    trials["val_loss"] = 1.0 - trials["val_accuracy"]
+    write_trials(trials, out)
+    (out / "meta.json").write_text(json.dumps({**META, "metric": "train_loss"}))  # a bad default as well
+    before = _folder_state(out)
+    for choose in (lambda: write_report(out, metric="train_loss"), lambda: write_report(out),
+                   lambda: summarize(trials, metric="train_loss"), lambda: best_selection(trials, "train_loss")):
+        with pytest.raises(ValueError) as info:
+            choose()
+        message = str(info.value)
+        assert "'train_loss' is not a validation metric" in message
+        assert "['val_accuracy', 'val_loss']" in message
+    assert _folder_state(out) == before
+
+
+def test_every_header_names_the_metric_it_was_chosen_by(tmp_path):
+    trials = make_trials()
+    trials["val_loss"] = 1.0 - trials["val_accuracy"]
+    trials["test_loss"] = 1.0 - trials["test_accuracy"]
+    header = format_summary(summarize(trials, "val_loss"), "val_loss").splitlines()[0]
+    assert "best val_loss" in header and "test_loss of best" in header and "accuracy" not in header
+    write_trials(trials, results_dir(tmp_path))
+    md = write_report(tmp_path, metric="val_loss")["summary_md"].read_text()
+    assert "| best val_loss |" in md and "chosen by `val_loss`" in md and "val_accuracy" not in md

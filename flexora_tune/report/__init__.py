@@ -1,0 +1,89 @@
+"""Results of a strategy comparison: the summary table, the plots and the exported best selection.
+
+A results folder holds ``trials.csv`` (one row per trial; ``flexora-tune compare`` writes it, or
+`write_trials`), optionally ``search_trajectories.json`` (Flexora's alpha per recorded search step) and
+``meta.json`` (model, task, metric, LoRA ``target_modules`` and ``layers_pattern``). `write_report` turns
+it into ``summary.csv`` / ``summary.md``, three PNG plots, ``best_selection.json`` and
+``best_lora_config/adapter_config.json``.
+
+One job per module: `trials` (the table, read, written and checked), `tables` (summaries and the winner),
+`formatting` (text and Markdown), `plots`, `export` (the winner's files) and `write` (all of it for a
+folder). File names and metric keys live in `flexora_tune.results`; they are re-exported here for callers
+that imported them from this module.
+
+The selection rule, everywhere: trials are compared by the *validation* metric only (ties: less compute).
+The test metric of the chosen trial is carried along and reported, never compared.
+"""
+
+from __future__ import annotations
+
+from ..results import (
+    BEST_LORA_CONFIG_DIR,
+    BEST_SELECTION_FILE,
+    BEST_SO_FAR_FILE,
+    BLOCK_MAP_FILE,
+    DEFAULT_METRIC,
+    GATES_HEATMAP_FILE,
+    META_FILE,
+    SUMMARY_CSV_FILE,
+    SUMMARY_MD_FILE,
+    TRAJECTORIES_FILE,
+    TRIALS_FILE,
+    TRIALS_PARQUET_FILE,
+    Mode,
+    infer_mode,
+)
+from .export import DEFAULT_LAYERS_PATTERN, DEFAULT_TARGET_MODULES, export_best
+from .formatting import format_markdown, format_summary, summary_document
+from .plots import gates_from_alpha, plot_best_so_far, plot_block_map, plot_gate_heatmap, strategy_colors
+from .tables import (
+    PER_SEED_COLUMNS,
+    SUMMARY_COLUMNS,
+    NoSuccessfulTrialError,
+    best_per_seed,
+    best_selection,
+    summarize,
+)
+from .trials import REQUIRED_COLUMNS, paired_test_metric, read_trials, validate_trials, validation_metrics, write_trials
+from .write import write_report
+
+__all__ = [
+    "BEST_LORA_CONFIG_DIR",
+    "BEST_SELECTION_FILE",
+    "BEST_SO_FAR_FILE",
+    "BLOCK_MAP_FILE",
+    "DEFAULT_LAYERS_PATTERN",
+    "DEFAULT_METRIC",
+    "DEFAULT_TARGET_MODULES",
+    "GATES_HEATMAP_FILE",
+    "META_FILE",
+    "PER_SEED_COLUMNS",
+    "REQUIRED_COLUMNS",
+    "SUMMARY_COLUMNS",
+    "SUMMARY_CSV_FILE",
+    "SUMMARY_MD_FILE",
+    "TRAJECTORIES_FILE",
+    "TRIALS_FILE",
+    "TRIALS_PARQUET_FILE",
+    "Mode",
+    "NoSuccessfulTrialError",
+    "best_per_seed",
+    "best_selection",
+    "export_best",
+    "format_markdown",
+    "format_summary",
+    "gates_from_alpha",
+    "infer_mode",
+    "paired_test_metric",
+    "plot_best_so_far",
+    "plot_block_map",
+    "plot_gate_heatmap",
+    "read_trials",
+    "strategy_colors",
+    "summarize",
+    "summary_document",
+    "validate_trials",
+    "validation_metrics",
+    "write_report",
+    "write_trials",
+]
