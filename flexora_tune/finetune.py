@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .blocks import BlockSelection
+from .flops import batch_tokens
 from .objective import encode, loss_fn
 from .tasks import TaskData, TaskSpec, load_task
 from .training import (
@@ -27,8 +30,8 @@ from .training import (
     settings_from,
 )
 
-__all__ = ["FinetuneResult", "FinetuneSettings", "LoraSession", "LoraSettings", "finetune", "open_lora_session",
-           "planned_steps", "settings_from"]
+__all__ = ["FinetuneResult", "FinetuneSettings", "LoraSession", "LoraSettings", "finetune", "finetune_flops",
+           "open_lora_session", "planned_steps", "settings_from"]
 
 STATE_FILE = "finetune_state.pt"
 
@@ -73,9 +76,17 @@ def planned_steps(train_size: int, settings: FinetuneSettings) -> int:
     return min(total, settings.max_steps) if settings.max_steps else total
 
 
+def evaluation_due(step: int, steps_per_epoch: int, total_steps: int, settings: FinetuneSettings) -> bool:
+    """Whether `finetune` evaluates after optimizer step `step` (1-based): every `eval_every` steps, else at
+    each epoch's end, and always after the last step."""
+    due = step % settings.eval_every == 0 if settings.eval_every else step % steps_per_epoch == 0
+    return due or step == total_steps
+
+
 @dataclass
 class FinetuneResult:
-    """What a fine-tune produced; the metric names match what the Ray Tune trainable reports."""
+    """What a fine-tune produced; the metric names match what the Ray Tune trainable reports. `flops` counts
+    training and validation like `compute_s`; `test_eval_flops` the test evaluations (see `flops.py`)."""
 
     val_accuracy: float
     test_accuracy: float
@@ -92,6 +103,8 @@ class FinetuneResult:
     model: str
     task: str
     history: list[dict[str, float]] = field(default_factory=list)
+    flops: float = 0.0
+    test_eval_flops: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +121,9 @@ class FinetuneProgress:
     loss_sum: float = 0.0
     loss_count: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    flops: int = 0
+    """Training and validation-evaluation FLOPs so far (exact integers, so a resumed run continues the count)."""
+    test_eval_flops: int = 0
 
 
 LOSS_FIX = "lower the learning rate, or train in float32 (dtype='float32') if you are using float16/bfloat16"
@@ -129,7 +145,9 @@ def finetune(
     After each epoch (or every `eval_every` steps) it evaluates on the validation and test splits and
     calls ``on_eval(metrics, save_state)``; `save_state(dir)` writes a resumable checkpoint that
     `resume_from=dir` continues bit for bit. `compute_s` counts training and validation (what choosing a
-    strategy costs); the test evaluation, a report only, is timed apart as `test_eval_s`. Same seed, same
+    strategy costs); the test evaluation, a report only, is timed apart as `test_eval_s`. `flops` and
+    `test_eval_flops` count the same two parts in FLOPs (`flops.py`: from the batches' tokens and the
+    model's parameter counts, so the same on any machine and under any load). Same seed, same
     numbers on CPU. Keyword `settings` are the fields of `FinetuneSettings`. Raises FloatingPointError,
     naming the step, when the training loss stops being finite or diverges.
     """
@@ -158,11 +176,14 @@ def finetune(
                         **identity)
 
     trainable_params = session.trainable_params
+    flop_model = session.flop_model
+    val_flops, test_flops = session.eval_flops("val", config), session.eval_flops("test", config)
     session.model.train()
     clock = time.perf_counter()
     while progress.step < total_steps:
         chunk = epoch_batch(train, config.batch_size, seed, progress.step)
-        batch = encode(chunk, session.tokenizer, data.kind, data.spec.max_length).to(session.device)
+        encoded = encode(chunk, session.tokenizer, data.kind, data.spec.max_length)
+        batch = encoded.to(session.device)
         loss = loss_fn(session.model, batch, data.kind)
         check_loss(loss, f"step {progress.step + 1}", "the training loss", LOSS_FIX, DIVERGED_LOSS)
         loss.backward()
@@ -171,22 +192,24 @@ def finetune(
         optimizer.zero_grad(set_to_none=True)
         progress.step += 1
         progress.examples_seen += len(chunk)
+        progress.flops += flop_model.train_step(batch_tokens(encoded))
         progress.loss_sum += loss.item()
         progress.loss_count += 1
-        end_of_epoch = progress.step % steps_per_epoch == 0
-        due = (progress.step % config.eval_every == 0) if config.eval_every else end_of_epoch
-        if due or progress.step == total_steps:
+        if evaluation_due(progress.step, steps_per_epoch, total_steps, config):
             val = session.evaluate("val", config)
             now = time.perf_counter()
             progress.compute_s += now - clock
+            progress.flops += val_flops
             test = session.evaluate("test", config)
             clock = time.perf_counter()
             progress.test_eval_s += clock - now
+            progress.test_eval_flops += test_flops
             metrics = {
                 "val_accuracy": val["accuracy"], "val_loss": val["loss"], "test_accuracy": test["accuracy"],
                 "train_loss": progress.loss_sum / max(1, progress.loss_count), "step": progress.step,
                 "epoch": progress.step / steps_per_epoch, "examples_seen": progress.examples_seen,
                 "compute_s": progress.compute_s, "test_eval_s": progress.test_eval_s,
+                "flops": float(progress.flops), "test_eval_flops": float(progress.test_eval_flops),
                 "num_blocks": len(session.selection), "trainable_params": trainable_params,
             }
             progress.history.append(metrics)
@@ -204,4 +227,34 @@ def finetune(
         num_blocks_total=session.selection.num_blocks_total, trainable_params=trainable_params,
         compute_s=last["compute_s"], examples_seen=progress.examples_seen, steps=progress.step, seed=seed,
         model=model, task=data.spec.name, history=list(progress.history),
+        flops=float(progress.flops), test_eval_flops=float(progress.test_eval_flops),
     )
+
+
+def finetune_flops(
+    model: str = "default",
+    task: str | dict | TaskSpec | TaskData = "default",
+    blocks: Sequence[int] | BlockSelection | None = None,
+    seed: int = 0,
+    **settings: Any,
+) -> float:
+    """The `flops` that `finetune` with the same arguments reports at its end, without training: the model
+    is loaded (on the CPU) for its parameter counts and every planned batch is tokenized, nothing runs. The
+    size of one fine-tune before any trial ran, e.g. of the all-blocks fine-tune that budgets are measured
+    in. Torch's global random state is left as it was."""
+    config: FinetuneSettings = replace(settings_from(FinetuneSettings, settings), device="cpu", dtype="float32")
+    data = task if isinstance(task, TaskData) else load_task(task)
+    with torch.random.fork_rng(devices=[]):
+        session = open_lora_session(model, data, blocks, config, seed)
+    train = list(data.train[: config.max_train_examples] if config.max_train_examples else data.train)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = planned_steps(len(data.train), config)
+    val_flops = session.eval_flops("val", config)
+    total = 0
+    for step in range(total_steps):
+        chunk = epoch_batch(train, config.batch_size, seed, step)
+        total += session.flop_model.train_step(batch_tokens(encode(chunk, session.tokenizer, data.kind,
+                                                                   data.spec.max_length)))
+        if evaluation_due(step + 1, steps_per_epoch, total_steps, config):
+            total += val_flops
+    return float(total)

@@ -16,12 +16,22 @@ from .blocks import parse_blocks
 
 Mode = Literal["max", "min"]
 
-# Metric keys a fine-tune trial reports (NaN in search trials, so no scheduler compares the two stages).
+# Metric keys a fine-tune trial reports. Search reports hold them only as placeholders (-inf, or +inf for a
+# loss: the worst value, never a measurement) so that Tune's strict metric check and pandas' idxmax accept them.
 VAL_ACCURACY = "val_accuracy"
 VAL_LOSS = "val_loss"
 TEST_ACCURACY = "test_accuracy"
 TRAIN_LOSS = "train_loss"
 FINETUNE_METRICS: tuple[str, ...] = (VAL_ACCURACY, VAL_LOSS, TEST_ACCURACY, TRAIN_LOSS)
+#: Estimated training FLOPs of a trial so far (both stages): the compute axis that other load cannot move.
+FLOPS = "flops"
+#: The time attribute to give Tune schedulers (ASHA, MedianStoppingRule, HyperBand): a fine-tune's optimizer step
+#: at each report, 0 in every search report, so a scheduler never places a search at a rung nor compares it.
+FINETUNE_STEP = "finetune_step"
+# A search trial's own losses (its search namespace): mean over the steps since its previous report.
+SEARCH_VAL_LOSS = "search_val_loss"
+SEARCH_TRAIN_LOSS = "search_train_loss"
+SEARCH_METRICS: tuple[str, ...] = (SEARCH_VAL_LOSS, SEARCH_TRAIN_LOSS)
 DEFAULT_METRIC = VAL_ACCURACY
 #: Lower is better for a metric whose name contains one of these words.
 MIN_WORDS: tuple[str, ...] = ("loss", "error", "perplexity", "ppl")

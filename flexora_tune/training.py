@@ -15,6 +15,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from .blocks import BlockLayout, BlockSelection, attach_lora, find_blocks
+from .flops import FlopModel, eval_flops
 from .models import load_model, pick_device, pick_dtype
 from .objective import evaluate
 from .tasks import TaskData
@@ -78,7 +79,8 @@ class LoraSettings:
 
 @dataclass
 class LoraSession:
-    """A model with LoRA attached and everything needed to train and evaluate it on one task."""
+    """A model with LoRA attached and everything needed to train and evaluate it on one task, and to count
+    what that costs in FLOPs (`flop_model`, taken when the session opens, while LoRA and head are trainable)."""
 
     model: torch.nn.Module
     tokenizer: Any
@@ -86,6 +88,11 @@ class LoraSession:
     selection: BlockSelection
     task: TaskData
     device: torch.device
+    flop_model: FlopModel | None = None
+
+    def __post_init__(self) -> None:
+        if self.flop_model is None:
+            self.flop_model = FlopModel.from_model(self.model, self.layout, self.task.kind)
 
     @property
     def trainable_params(self) -> int:
@@ -96,6 +103,11 @@ class LoraSession:
             self.model, self.tokenizer, self.task.split(split), self.task.kind,
             self.task.spec.max_length, settings.eval_batch_size, self.device,
         )
+
+    def eval_flops(self, split: str, settings: LoraSettings) -> int:
+        """The FLOPs of one `evaluate(split, settings)`: a function of the split's tokens only."""
+        return eval_flops(self.flop_model, self.task.split(split), self.tokenizer, self.task.kind,
+                          self.task.spec.max_length, settings.eval_batch_size)
 
 
 def open_lora_session(

@@ -272,3 +272,58 @@ def test_ctrl_c_stops_the_whole_comparison_and_keeps_finished_results(tiny_llama
     assert "interrupted; finished results are kept; continue with --resume" in text
     assert "all_seed0" not in text and not (out / "ray" / "all_seed0").exists()
     assert set(pd.read_csv(out / "trials.csv").strategy) == {"flexora"}
+
+
+@pytest.mark.slow
+def test_trial_killed_twice_finishes_after_resume(tiny_llama_dir, tiny_csv, tmp_path):
+    """Spot instances: a trial pre-empted more often than --max-failures allows ends ERROR; `--resume` retries
+    it from its last checkpoint (not from the start) and the sweep ends with every trial finished."""
+    tag, out = uuid.uuid4().hex, tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="ftrk", dir="/tmp")
+    env = _env(tag, "driver", RAY_TMPDIR=ray_tmp)
+    args = _compare_args(tiny_llama_dir, tiny_csv, out, "random", "--max-steps", "40", "--max-failures", "1",
+                         "--max-concurrent", "1")
+    log = tmp_path / "first.log"
+    groups: list[int] = []
+    killed: list[int] = []
+    try:
+        driver = subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        groups.append(driver.pid)
+
+        def running_trial(trial_dir: Path | None = None) -> tuple[Path, int] | None:
+            """A trial (the given one) reporting from a process not killed yet, mid-way: (its dir, its pid)."""
+            dirs = [trial_dir] if trial_dir else sorted((out / "ray").glob("random_seed0/trainable_*"))
+            for directory in dirs:
+                rows = [r for r in _results(directory) if r["pid"] not in killed]
+                if rows and not rows[-1]["final"] and rows[-1]["step"] < rows[-1]["total_steps"] - 5:
+                    return directory, rows[-1]["pid"]
+            return None
+
+        trial_dir, pid = _wait_for(running_trial, 150, "a running random trial", driver, log)
+        for attempt in range(2):  # pre-empted twice: the retry allowed by --max-failures 1, then once more
+            if attempt:
+                _, pid = _wait_for(lambda: running_trial(trial_dir), 120, "the retried trial", driver, log)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        assert driver.wait(timeout=150) == 0, log.read_text()[-3000:]
+        first = pd.read_csv(out / "trials.csv")
+        assert sorted(first.status) == ["ERROR", "TERMINATED"], first[["trial_id", "status", "error"]]
+
+        resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=200,
+                                 start_new_session=True)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert "random_seed0: resuming" in resumed.stdout, resumed.stdout[-3000:]
+    finally:
+        _kill(tag, groups=tuple(groups), pids=tuple(killed))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 2 and (trials.status == "TERMINATED").all() and trials.trial_id.is_unique
+    assert trials.blocks.nunique() == 2  # the retried trial kept its subset; nothing was proposed twice
+    rows = _results(trial_dir)
+    pids = list(dict.fromkeys(r["pid"] for r in rows))
+    assert pids[:2] == killed and len(pids) == 3, (pids, killed)
+    assert rows[-1]["final"] and rows[-1]["step"] == rows[-1]["total_steps"] > 12
+    last_run = [r for r in rows if r["pid"] == pids[2]]
+    assert last_run[0]["step"] > 1  # the resumed run continued from its checkpoint, not from step 1

@@ -78,7 +78,7 @@ def prepare_search(
 
     return BilevelLoop(
         session.model, session.layout, lambda m, b: loss_fn(m, b, kind), train_batch, val_batch, config,
-        total_steps, seed,
+        total_steps, seed, flop_model=session.flop_model,
         identity={"model": model, "task": data.spec.name, "target_modules": config.target_modules,
                   "task_type": "SEQ_CLS" if kind == "classification" else "CAUSAL_LM"},
     )
@@ -119,9 +119,14 @@ class PipelineResult:
     def compute_s(self) -> float:
         return self.search.compute_s + self.finetune.compute_s
 
+    @property
+    def flops(self) -> float:
+        """Both stages' FLOPs (the fine-tune's validation included, its test evaluation not)."""
+        return self.search.flops + self.finetune.flops
+
     def to_dict(self) -> dict[str, Any]:
         return {"search": self.search.to_dict(), "finetune": self.finetune.to_dict(),
-                "compute_s": self.compute_s}
+                "compute_s": self.compute_s, "flops": self.flops}
 
 
 _CARRIED = ("r", "lora_alpha", "lora_dropout", "target_modules", "device", "dtype", "threads")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..blocks import BlockLayout
+from ..flops import FlopModel, batch_tokens
 from ..gates import BlockGates
 from ..training import DIVERGED_LOSS, build_optimizer, check_loss, load_checkpoint, save_checkpoint
 from .result import SelectionResult
@@ -41,6 +42,8 @@ class SearchProgress:
     """Training examples the LoRA steps consumed."""
     val_examples_seen: int = 0
     """Search-validation examples the gate steps consumed."""
+    flops: int = 0
+    """FLOPs of the steps done (`flops.py`: from the batches' tokens, never from timing)."""
     stable_steps: int = 0
     """Steps since the selection last changed."""
     blocks: list[int] | None = None
@@ -64,6 +67,8 @@ class BilevelLoop:
     and constant gates; then one Adam step on alpha with the loss of `val_batches` batches ``val_batch(j)``
     with the weights frozen and dropout off. Batches are functions of the step index, so a run is a pure
     function of its seed and settings and resumes exactly. Batches may expose a ``size`` (examples counted).
+    FLOPs are counted with `flop_model` (default: counted from `model` as given, every linear layer outside
+    the blocks applied at every position) on each batch's `flops.batch_tokens`.
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class BilevelLoop:
         total_steps: int,
         seed: int = 0,
         identity: dict[str, Any] | None = None,
+        flop_model: FlopModel | None = None,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"the search needs at least one step, got {total_steps}")
@@ -92,6 +98,7 @@ class BilevelLoop:
         if not named:
             raise ValueError("the model has no trainable parameters; attach LoRA before searching")
         self.names = [n for n, _ in named]
+        self.flop_model = flop_model or FlopModel.from_model(model, layout)
         self.params = [p for _, p in named]
         device = self.params[0].device
         dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
@@ -135,6 +142,7 @@ class BilevelLoop:
         loss = self._loss(batch, step + 1, "the training loss")
         loss.backward()
         self.progress.examples_seen += self._size(batch)
+        self.progress.flops += self.flop_model.train_step(batch_tokens(batch))
         return loss.item()
 
     def lora_step(self, batch: Any, step: int = 0) -> float:
@@ -162,6 +170,7 @@ class BilevelLoop:
             loss.backward()
             total += loss.item()
             self.progress.val_examples_seen += self._size(batch)
+            self.progress.flops += self.flop_model.gate_pass(batch_tokens(batch))
         self.gates.alpha.requires_grad_(False)
         return total
 
@@ -194,6 +203,7 @@ class BilevelLoop:
                     acc += g
             total += loss.item()
             self.progress.val_examples_seen += self._size(batch)
+            self.progress.flops += self.flop_model.train_step(batch_tokens(batch))
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grad_w)).item()
         if norm > 0 and xi > 0:
             eps = 0.01 / norm
@@ -205,6 +215,7 @@ class BilevelLoop:
                         p.copy_(w + sign * eps * g)
                 loss = self._loss(train_batch, step + 1, "the training loss")
                 train_grads.append(torch.autograd.grad(loss, alpha)[0])
+                self.progress.flops += self.flop_model.gate_pass(batch_tokens(train_batch))
             grad_alpha -= xi * (train_grads[0] - train_grads[1]) / (2 * eps)
         with torch.no_grad():
             for p, w in zip(self.params, saved, strict=True):
@@ -277,7 +288,7 @@ class BilevelLoop:
             "step": p.step, "total_steps": self.total_steps,
             "search_val_loss": math.fsum(v for _, v in recent) / len(recent),
             "train_loss": math.fsum(t for t, _ in recent) / len(recent),
-            "compute_s": p.compute_s, "examples_seen": p.examples_seen,
+            "compute_s": p.compute_s, "flops": float(p.flops), "examples_seen": p.examples_seen,
             "val_examples_seen": p.val_examples_seen, "num_blocks": len(blocks), "blocks": list(blocks),
             "num_blocks_total": self.layout.num_blocks, "alpha": self.gates.alpha.tolist(),
             "gates": self.gates.values().tolist(), "threshold": threshold, "stable_steps": p.stable_steps,
@@ -327,7 +338,7 @@ class BilevelLoop:
         return SelectionResult(
             blocks=blocks, num_blocks_total=self.layout.num_blocks, alpha=self.gates.alpha.tolist(),
             gates=self.gates.values().tolist(), rule=s.rule, threshold=threshold, hypergradient=s.hypergradient,
-            seed=self.seed, steps=p.step, compute_s=p.compute_s, examples_seen=p.examples_seen,
+            seed=self.seed, steps=p.step, compute_s=p.compute_s, flops=float(p.flops), examples_seen=p.examples_seen,
             val_examples_seen=p.val_examples_seen, model=str(self.identity.get("model", "")),
             task=str(self.identity.get("task", "")),
             target_modules=tuple(self.identity.get("target_modules") or self.layout.target_modules),

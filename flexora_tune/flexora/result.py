@@ -14,7 +14,8 @@ from ..results import best_search_selection, trial_outcomes
 class SelectionResult:
     """What a search found and what it cost: the kept blocks, the final alpha and gates, their history,
     the rule and threshold used, and enough of the model's layout to export a peft `LoraConfig`. It ran
-    `steps` of `planned_steps` steps; `stop_reason` says why it ended there."""
+    `steps` of `planned_steps` steps; `stop_reason` says why it ended there. `flops` is the search's
+    compute (`flops.py`; 0 in results written before it was counted)."""
 
     blocks: tuple[int, ...]
     num_blocks_total: int
@@ -35,6 +36,7 @@ class SelectionResult:
     task_type: str | None = None
     stop_reason: str = "steps"
     planned_steps: int | None = None
+    flops: float = 0.0
     trajectory_steps: list[int] = field(default_factory=list)
     alpha_trajectory: list[list[float]] = field(default_factory=list)
     val_loss_curve: list[float] = field(default_factory=list)

@@ -2,14 +2,15 @@
 
 A results folder holds ``trials.csv`` (one row per trial; ``flexora-tune compare`` writes it, or
 `write_trials`), optionally ``search_trajectories.json`` (Flexora's alpha per recorded search step) and
-``meta.json`` (model, task, metric, LoRA ``target_modules`` and ``layers_pattern``). `write_report` turns
+``meta.json`` (model, task, metric, reference, LoRA ``target_modules`` and ``layers_pattern``). `write_report` turns
 it into ``summary.csv`` / ``summary.md``, three PNG plots, ``best_selection.json`` and
 ``best_lora_config/adapter_config.json``.
 
 One job per module: `trials` (the table, read, written and checked), `tables` (summaries and the winner),
-`formatting` (text and Markdown), `plots`, `export` (the winner's files) and `write` (all of it for a
-folder). File names and metric keys live in `flexora_tune.results`; they are re-exported here for callers
-that imported them from this module.
+`paired` (each strategy against a reference, seed by seed, with `stats`' Student t intervals), `compute`
+(FLOPs in fine-tune equivalents), `formatting` (text and Markdown), `plots`, `export` (the winner's files)
+and `write` (all of it for a folder). File names and metric keys live in `flexora_tune.results`; they are
+re-exported here for callers that imported them from this module.
 
 The selection rule, everywhere: trials are compared by the *validation* metric only (ties: less compute).
 The test metric of the chosen trial is carried along and reported, never compared.
@@ -33,10 +34,21 @@ from ..results import (
     Mode,
     infer_mode,
 )
+from .compute import FLOPS_COLUMN, finetune_equivalents, finetune_units, has_flops
 from .export import DEFAULT_LAYERS_PATTERN, DEFAULT_TARGET_MODULES, export_best
 from .formatting import format_markdown, format_summary, summary_document
-from .plots import gates_from_alpha, plot_best_so_far, plot_block_map, plot_gate_heatmap, strategy_colors
+from .paired import DEFAULT_REFERENCE, PAIRED_COLUMNS, paired_verdicts
+from .plots import (
+    best_so_far_axis,
+    gates_from_alpha,
+    plot_best_so_far,
+    plot_block_map,
+    plot_gate_heatmap,
+    strategy_colors,
+)
+from .stats import mean_confidence_interval, student_t_cdf, student_t_quantile
 from .tables import (
+    FT_COLUMNS,
     PER_SEED_COLUMNS,
     SUMMARY_COLUMNS,
     NoSuccessfulTrialError,
@@ -54,9 +66,13 @@ __all__ = [
     "BLOCK_MAP_FILE",
     "DEFAULT_LAYERS_PATTERN",
     "DEFAULT_METRIC",
+    "DEFAULT_REFERENCE",
     "DEFAULT_TARGET_MODULES",
+    "FLOPS_COLUMN",
+    "FT_COLUMNS",
     "GATES_HEATMAP_FILE",
     "META_FILE",
+    "PAIRED_COLUMNS",
     "PER_SEED_COLUMNS",
     "REQUIRED_COLUMNS",
     "SUMMARY_COLUMNS",
@@ -68,18 +84,26 @@ __all__ = [
     "Mode",
     "NoSuccessfulTrialError",
     "best_per_seed",
+    "best_so_far_axis",
     "best_selection",
     "export_best",
+    "finetune_equivalents",
+    "finetune_units",
     "format_markdown",
     "format_summary",
     "gates_from_alpha",
+    "has_flops",
     "infer_mode",
+    "mean_confidence_interval",
     "paired_test_metric",
+    "paired_verdicts",
     "plot_best_so_far",
     "plot_block_map",
     "plot_gate_heatmap",
     "read_trials",
     "strategy_colors",
+    "student_t_cdf",
+    "student_t_quantile",
     "summarize",
     "summary_document",
     "validate_trials",

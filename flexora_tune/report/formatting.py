@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..blocks import BlockSelection, compact_blocks, parse_blocks
 from ..results import BEST_LORA_CONFIG_DIR, BEST_SELECTION_FILE, DEFAULT_METRIC
+from .paired import CONFIDENCE, MIN_PAIRS, REFERENCE_VERDICT, no_reference
 from .trials import paired_test_metric
 
 
@@ -24,17 +25,53 @@ def _pm(mean: Any, std: Any, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _paired(mean: Any, low: Any, high: Any, verdict: Any) -> str:
+    """``+0.012 [-0.004, +0.028] no difference``; without an interval just the mean; without a mean the verdict."""
+    verdict = "-" if verdict is None or pd.isna(verdict) else str(verdict)
+    if verdict == REFERENCE_VERDICT or mean is None or pd.isna(mean):
+        return verdict
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return f"{mean:+.3f} {verdict}"
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] {verdict}"
+
+
+def summary_reference(summary: pd.DataFrame) -> str | None:
+    """The reference strategy of `summarize`'s paired columns, or None when the summary has none (an older
+    ``summary.csv``)."""
+    if "reference" not in summary.columns or "val_verdict" not in summary.columns:
+        return None
+    names = summary["reference"].dropna()
+    return str(names.iloc[0]) if len(names) else None
+
+
+def reference_missing(summary: pd.DataFrame) -> bool:
+    """Whether the summary's reference strategy was not run, so it holds no paired verdicts."""
+    reference = summary_reference(summary)
+    return reference is not None and bool((summary["val_verdict"] == no_reference(reference)).all())
+
+
+def _has_ft(summary: pd.DataFrame) -> bool:
+    return "total_compute_ft" in summary.columns and bool(summary["total_compute_ft"].notna().any())
+
+
 def _display_rows(summary: pd.DataFrame, metric: str) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted cells shared by the Markdown and terminal tables."""
+    """Header and formatted cells shared by the Markdown and terminal tables: the compute columns in
+    fine-tune equivalents when the summary has them, and the paired verdicts when its reference was run."""
     test_metric = paired_test_metric(metric)
+    with_ft = _has_ft(summary)
+    reference = None if reference_missing(summary) else summary_reference(summary)
     header = [
         "strategy", f"best {metric}", f"{test_metric} of best", "compute to best (s)", "total compute (s)",
         "blocks of best", "seeds ok", "trials", "errors",
     ]
+    if with_ft:
+        header += ["compute to best (ft)", "total compute (ft)"]
+    if reference is not None:
+        header += [f"Δ {test_metric} vs {reference}", f"Δ {metric} vs {reference}"]
     rows = []
     for r in summary.itertuples(index=False):
         blocks = parse_blocks(r.blocks_of_best)
-        rows.append([
+        cells = [
             str(r.strategy),
             _pm(r.best_val_mean, r.best_val_std, 3),
             _pm(r.test_of_best_mean, r.test_of_best_std, 3),
@@ -44,14 +81,22 @@ def _display_rows(summary: pd.DataFrame, metric: str) -> tuple[list[str], list[l
             f"{r.n_seeds_ok}/{r.n_seeds}",
             str(r.n_trials),
             str(r.n_errors),
-        ])
+        ]
+        if with_ft:
+            cells += [_pm(r.compute_to_best_ft, None, 2), _pm(r.total_compute_ft, None, 2)]
+        if reference is not None:
+            cells += [_paired(r.test_diff_mean, r.test_diff_lo, r.test_diff_hi, r.test_verdict),
+                      _paired(r.val_diff_mean, r.val_diff_lo, r.val_diff_hi, r.val_verdict)]
+        rows.append(cells)
     return header, rows
 
 
 def format_summary(summary: pd.DataFrame, metric: str = DEFAULT_METRIC) -> str:
     """A fixed-width text table of `summarize`'s result for the terminal (means ± std over seeds).
 
-    Pass the `metric` the summary was made with: it names the value columns.
+    Pass the `metric` the summary was made with: it names the value columns. The paired columns read
+    ``+0.012 [-0.004, +0.028] no difference``: the mean per-seed difference from the reference, its 95% interval
+    and the verdict.
     """
     header, rows = _display_rows(summary, metric)
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
@@ -61,7 +106,10 @@ def format_summary(summary: pd.DataFrame, metric: str = DEFAULT_METRIC) -> str:
         return "  ".join(padded).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+    lines = [line(header), rule, *(line(r) for r in rows)]
+    if reference_missing(summary):
+        lines.append(f"(no paired verdicts: the reference strategy {summary_reference(summary)!r} was not run)")
+    return "\n".join(lines)
 
 
 def format_markdown(summary: pd.DataFrame, metric: str = DEFAULT_METRIC) -> str:
@@ -71,11 +119,27 @@ def format_markdown(summary: pd.DataFrame, metric: str = DEFAULT_METRIC) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, align, *rows])
 
 
+def paired_note(summary: pd.DataFrame, metric: str) -> str | None:
+    """The sentence of ``summary.md`` that says how the paired columns were made (None without them)."""
+    reference = summary_reference(summary)
+    if reference is None:
+        return None
+    if reference_missing(summary):
+        return (f"No paired verdicts: the reference strategy `{reference}` was not run (choose another with "
+                "`--reference`).")
+    level = round(100 * CONFIDENCE)
+    return (f"Δ columns: the paired difference from `{reference}`, seed by seed (same seed, same data order), of "
+            f"the chosen trial's `{paired_test_metric(metric)}` and `{metric}`: mean [{level}% Student t interval "
+            f"over seeds] and the verdict at {level}% (better, worse or no difference, by `{metric}`'s direction). "
+            f"Fewer than {MIN_PAIRS} paired seeds give no verdict.")
+
+
 def summary_document(
     summary: pd.DataFrame, metric: str, meta: Mapping[str, Any], best: tuple[BlockSelection, pd.Series] | None,
-    images: Iterable[str],
+    images: Iterable[str], notes: Iterable[str] = (),
 ) -> str:
-    """The text of ``summary.md``: title from meta, the selection rule, the table, the winner and the plots."""
+    """The text of ``summary.md``: title from meta, the selection rule, the table, what its paired and compute
+    columns mean (`notes` adds sentences, e.g. what one fine-tune equivalent is), the winner and the plots."""
     title = "flexora_tune comparison"
     if meta.get("model") or meta.get("task"):
         title += f": {meta.get('model', '?')} on {meta.get('task', '?')}"
@@ -86,6 +150,7 @@ def summary_document(
         "compute includes search trials.", "",
         format_markdown(summary, metric), "",
     ]
+    lines += [f"{note}\n" for note in (paired_note(summary, metric), *notes) if note]
     if best is not None:
         selection, row = best
         lines += [

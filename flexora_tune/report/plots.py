@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..blocks import parse_blocks
 from ..results import DEFAULT_METRIC, Mode, infer_mode
+from .compute import finetune_equivalents
 from .tables import best_per_seed
 from .trials import eligible, in_time_order, prepare_trials
 
@@ -25,6 +26,10 @@ _KNOWN_COLORS = {
     "first-k": "#9467bd", "last-k": "#8c564b",
 }
 _EXTRA_COLORS = ("#ff7f0e", "#17becf", "#bcbd22", "#e377c2", "#393b79", "#637939", "#843c39", "#7b4173")
+#: The best-so-far plot's x labels: compute in fine-tune equivalents when the trials have FLOPs, else seconds.
+FT_AXIS_LABEL = "cumulative compute (fine-tune equivalents: FLOPs / one all-blocks fine-tune), search included"
+SECONDS_AXIS_LABEL = "cumulative compute (s), search trials included"
+
 
 def strategy_colors(strategies: Iterable[str]) -> dict[str, str]:
     """A fixed colour per strategy name, the same in every plot."""
@@ -52,9 +57,10 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def _best_so_far_steps(group: pd.DataFrame, metric: str, mode: Mode) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative compute after each trial and the best metric value reached by then (NaN before any)."""
+    """Cumulative compute (the ``_x`` column) after each trial and the best metric value reached by then (NaN
+    before any)."""
     ordered = in_time_order(group)
-    x = ordered["compute_s"].fillna(0.0).cumsum().to_numpy(dtype=float)
+    x = ordered["_x"].fillna(0.0).cumsum().to_numpy(dtype=float)
     values = ordered[metric].where(eligible(ordered, metric))
     best = (values.cummax() if mode == "max" else values.cummin()).ffill()
     return x, best.to_numpy(dtype=float)
@@ -77,10 +83,26 @@ def _common_grid(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarra
     return grid[keep], stacked[keep]
 
 
+def best_so_far_axis(trials: pd.DataFrame) -> tuple[pd.Series, str]:
+    """Each trial's compute on the best-so-far plot's x axis, and the axis label: fine-tune equivalents
+    (`finetune_equivalents`) when every seed has them, else compute seconds (with a warning when the table has
+    ``flops`` but some seed has no unit)."""
+    ft = finetune_equivalents(trials)
+    if ft is not None:
+        if bool(ft.notna().groupby(trials["seed"], dropna=False).any().all()):
+            return ft, FT_AXIS_LABEL
+        warnings.warn("some seeds have no fine-tune equivalents (no finished fine-tune with flops); the "
+                      "best-so-far plot uses compute seconds", stacklevel=3)
+    return pd.to_numeric(trials["compute_s"], errors="coerce"), SECONDS_AXIS_LABEL
+
+
 def plot_best_so_far(
     trials: pd.DataFrame, path: str | Path, metric: str = DEFAULT_METRIC, mode: Mode | None = None
 ) -> Path:
-    """Best-so-far `metric` against cumulative compute seconds (search trials included), one line per strategy.
+    """Best-so-far `metric` against cumulative compute (search trials included), one line per strategy.
+
+    Compute is in fine-tune equivalents (`finetune_equivalents`: FLOPs over one all-blocks fine-tune of the
+    same seed) when the trials have ``flops`` for every seed, else in compute seconds; the x label says which.
 
     Each seed's curve (thin) is a step function over its trials in start order; the thick line is the median
     over seeds and the band the min-max over seeds, both drawn from the compute at which every seed with a
@@ -89,6 +111,7 @@ def plot_best_so_far(
     """
     mode = mode or infer_mode(metric)
     df = prepare_trials(trials, metric)
+    df["_x"], xlabel = best_so_far_axis(df)
     colors = strategy_colors(df["strategy"])
     fig = _figure(8.0, 5.0)
     ax = fig.add_subplot()
@@ -109,7 +132,7 @@ def plot_best_so_far(
                 label=label)
         ax.fill_between(grid, low, high, step="post", color=color, alpha=0.18, lw=0)
         ax.vlines(grid[-1], low.iloc[-1], high.iloc[-1], color=color, lw=2.2)  # the final spread, even for 1 point
-    ax.set_xlabel("cumulative compute (s), search trials included")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"best {metric} so far")
     ax.set_title(f"Best-so-far {metric} vs compute\n"
                  "(thin: each seed; thick: median over seeds; band: min-max over seeds)")

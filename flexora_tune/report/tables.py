@@ -14,18 +14,22 @@ import pandas as pd
 
 from ..blocks import BlockSelection, format_blocks
 from ..results import DEFAULT_METRIC, Mode, infer_mode
+from .compute import finetune_equivalents
+from .paired import DEFAULT_REFERENCE, PAIRED_COLUMNS, paired_verdicts
 from .trials import ERROR_STATUS, eligible, in_time_order, prepare_trials
 
+#: The compute columns in fine-tune equivalents (NaN when the trials have no ``flops``).
+FT_COLUMNS: tuple[str, ...] = ("compute_to_best_ft", "total_compute_ft")
 #: The columns of `summarize`'s result (and of ``summary.csv``), in order.
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "strategy", "best_val_mean", "best_val_std", "test_of_best_mean", "test_of_best_std", "compute_to_best_mean",
     "total_compute_mean", "n_seeds", "n_seeds_ok", "n_trials", "n_errors", "blocks_of_best", "num_blocks_of_best",
-    "best_trial_id",
+    "best_trial_id", *FT_COLUMNS, *PAIRED_COLUMNS,
 )
 #: The columns of `best_per_seed`'s result, in order.
 PER_SEED_COLUMNS: tuple[str, ...] = (
     "strategy", "seed", "best_val", "test_of_best", "compute_to_best", "total_compute", "n_trials", "n_errors",
-    "best_trial_id", "best_compute_s", "best_start_time", "blocks", "num_blocks", "num_blocks_total",
+    "best_trial_id", "best_compute_s", "best_start_time", "blocks", "num_blocks", "num_blocks_total", *FT_COLUMNS,
 )
 
 
@@ -47,13 +51,16 @@ def _seed_row(strategy: str, seed: Any, group: pd.DataFrame, metric: str, mode: 
     """One strategy+seed: its best fine-tune by the metric and the compute spent up to and including it."""
     ordered = in_time_order(group)
     cumulative = ordered["compute_s"].fillna(0.0).cumsum()
+    has_ft = bool(ordered["_ft"].notna().any())
+    cumulative_ft = ordered["_ft"].fillna(0.0).cumsum()
     candidates = ordered[eligible(ordered, metric)]
     row: dict[str, Any] = {
         "strategy": strategy, "seed": seed, "best_val": np.nan, "test_of_best": np.nan,
         "compute_to_best": np.nan, "total_compute": float(cumulative.iloc[-1]), "n_trials": len(ordered),
         "n_errors": int((ordered["status"] == ERROR_STATUS).sum()), "best_trial_id": np.nan,
         "best_compute_s": np.nan, "best_start_time": np.nan, "blocks": np.nan, "num_blocks": np.nan,
-        "num_blocks_total": np.nan,
+        "num_blocks_total": np.nan, "compute_to_best_ft": np.nan,
+        "total_compute_ft": float(cumulative_ft.iloc[-1]) if has_ft else np.nan,
     }
     if candidates.empty:
         return row
@@ -65,6 +72,7 @@ def _seed_row(strategy: str, seed: Any, group: pd.DataFrame, metric: str, mode: 
         best_trial_id=str(best["trial_id"]), best_compute_s=float(best["compute_s"]),
         best_start_time=float(best["start_time"]), blocks=format_blocks(blocks),
         num_blocks=len(blocks) if blocks else np.nan, num_blocks_total=float(best["num_blocks_total"]),
+        compute_to_best_ft=float(cumulative_ft.loc[label]) if has_ft else np.nan,
     )
     return row
 
@@ -75,9 +83,13 @@ def best_per_seed(trials: pd.DataFrame, metric: str = DEFAULT_METRIC, mode: Mode
     ``compute_to_best`` sums ``compute_s`` of that strategy+seed's trials, search trials included, in
     ``start_time`` order up to and including the best trial; ``total_compute`` sums all of them. Errored
     trials count in compute but never win; a strategy+seed without a successful fine-tune gets NaNs.
+    ``compute_to_best_ft``/``total_compute_ft`` are the same sums of ``flops`` in fine-tune equivalents of that
+    seed (`finetune_units`), NaN when the table has no ``flops``.
     """
     mode = mode or infer_mode(metric)
     df = prepare_trials(trials, metric)
+    ft = finetune_equivalents(df)
+    df["_ft"] = ft if ft is not None else np.nan
     rows = [
         _seed_row(strategy, seed, group, metric, mode)
         for (strategy, seed), group in df.groupby(["strategy", "seed"], sort=True, dropna=False)
@@ -89,6 +101,11 @@ def best_per_seed(trials: pd.DataFrame, metric: str = DEFAULT_METRIC, mode: Mode
 def _std(values: pd.Series) -> float:
     values = values.dropna()
     return float(values.std(ddof=1)) if len(values) > 1 else np.nan
+
+
+def _mean(values: pd.Series) -> float:
+    values = values.dropna()
+    return float(values.mean()) if len(values) else np.nan
 
 
 def _strategy_row(strategy: str, seeds: pd.DataFrame, mode: Mode) -> dict[str, Any]:
@@ -103,7 +120,8 @@ def _strategy_row(strategy: str, seeds: pd.DataFrame, mode: Mode) -> dict[str, A
         "total_compute_mean": float(seeds["total_compute"].mean()),
         "n_seeds": len(seeds), "n_seeds_ok": len(ok), "n_trials": int(seeds["n_trials"].sum()),
         "n_errors": int(seeds["n_errors"].sum()), "blocks_of_best": np.nan, "num_blocks_of_best": pd.NA,
-        "best_trial_id": np.nan,
+        "best_trial_id": np.nan, "compute_to_best_ft": _mean(ok["compute_to_best_ft"]),
+        "total_compute_ft": _mean(seeds["total_compute_ft"]),
     }
     if len(ok):
         ranked = ok.sort_values(
@@ -117,7 +135,9 @@ def _strategy_row(strategy: str, seeds: pd.DataFrame, mode: Mode) -> dict[str, A
     return row
 
 
-def summarize(trials: pd.DataFrame, metric: str = DEFAULT_METRIC, mode: Mode | None = None) -> pd.DataFrame:
+def summarize(
+    trials: pd.DataFrame, metric: str = DEFAULT_METRIC, mode: Mode | None = None, reference: str = DEFAULT_REFERENCE
+) -> pd.DataFrame:
     """One row per strategy, best first: quality and cost of each seed's best trial, aggregated over seeds.
 
     For each (strategy, seed) the best fine-tune trial is chosen by `metric` (a validation metric, else a
@@ -128,14 +148,22 @@ def summarize(trials: pd.DataFrame, metric: str = DEFAULT_METRIC, mode: Mode | N
     - ``compute_to_best_mean``: compute seconds, search trials included, up to and including it;
     - ``total_compute_mean``: all of that strategy+seed's compute;
     - ``n_seeds`` (seeds run), ``n_seeds_ok`` (seeds with a successful fine-tune), ``n_trials``, ``n_errors``;
-    - ``blocks_of_best``/``num_blocks_of_best``/``best_trial_id``: the single best trial over all seeds.
+    - ``blocks_of_best``/``num_blocks_of_best``/``best_trial_id``: the single best trial over all seeds;
+    - ``compute_to_best_ft``/``total_compute_ft``: the two compute means in fine-tune equivalents (FLOPs over one
+      all-blocks fine-tune of the same seed; NaN without a ``flops`` column);
+    - the paired comparison with `reference` over seeds (`paired_verdicts`): ``test_diff_*``/``val_diff_*``
+      (mean, 95% interval), ``test_verdict``/``val_verdict``, ``n_pairs`` and ``reference``.
 
     A strategy with no successful trial keeps its row, with NaNs, so failures stay visible.
     """
     mode = mode or infer_mode(metric)
     per_seed = best_per_seed(trials, metric, mode)
     rows = [_strategy_row(strategy, seeds, mode) for strategy, seeds in per_seed.groupby("strategy", sort=True)]
-    summary = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).astype({"num_blocks_of_best": "Int64"})
+    base = pd.DataFrame(rows, columns=[c for c in SUMMARY_COLUMNS if c not in PAIRED_COLUMNS])
+    base["strategy"] = base["strategy"].astype(str)
+    paired = paired_verdicts(per_seed, mode, reference)
+    summary = base.merge(paired, on="strategy", how="left")[list(SUMMARY_COLUMNS)]
+    summary = summary.astype({"num_blocks_of_best": "Int64", "n_pairs": "Int64"})
     summary = summary.sort_values(
         ["best_val_mean", "strategy"], ascending=[mode == "min", True], na_position="last", kind="stable"
     )

@@ -19,9 +19,14 @@ from ..results import (
     SUMMARY_CSV_FILE,
     SUMMARY_MD_FILE,
     TRAJECTORIES_FILE,
+    Mode,
+    check_metric_mode,
+    infer_mode,
 )
+from .compute import UNIT_FROM_ALL, finetune_units, has_flops, units_note
 from .export import export_best
-from .formatting import summary_document
+from .formatting import reference_missing, summary_document
+from .paired import DEFAULT_REFERENCE
 from .plots import plot_best_so_far, plot_block_map, plot_gate_heatmap
 from .tables import NoSuccessfulTrialError, best_selection, summarize
 from .trials import read_trials, validate_trials
@@ -34,7 +39,21 @@ def _read_json(path: Path) -> Any | None:
         return json.load(fh)
 
 
-def write_report(out_dir: str | Path, metric: str | None = None) -> dict[str, Path]:
+def _check_units(trials: pd.DataFrame) -> None:
+    """Warn when some seed's fine-tune equivalent is not an ``all`` fine-tune (see `finetune_units`)."""
+    if not has_flops(trials):
+        return
+    units = finetune_units(trials)
+    others = units.loc[units["unit_source"] != UNIT_FROM_ALL, "seed"]
+    if len(others):
+        warnings.warn(f"no finished 'all' fine-tune for seed(s) {', '.join(map(str, others))}: fine-tune "
+                      "equivalents there are relative to the largest finished fine-tune (see summary.md)",
+                      stacklevel=3)
+
+
+def write_report(
+    out_dir: str | Path, metric: str | None = None, reference: str | None = None, mode: Mode | None = None
+) -> dict[str, Path]:
     """Turn a results folder's ``trials.csv`` into the summary, the plots and the exported best selection.
 
     Reads ``trials.csv`` and, when present, ``search_trajectories.json`` and ``meta.json``. `metric` defaults
@@ -43,7 +62,13 @@ def write_report(out_dir: str | Path, metric: str | None = None) -> dict[str, Pa
     ``summary.csv``, ``summary.md``, ``best_so_far.png``, ``block_map.png``, ``gates_heatmap.png`` (only with
     trajectories), ``best_selection.json`` and ``best_lora_config/adapter_config.json`` (only when some
     fine-tune succeeded; target modules and layers pattern from meta, else q_proj/v_proj and "layers" with a
-    warning). Returns the paths written, keyed by artefact name.
+    warning). Returns the paths written, keyed by artefact name. `mode` defaults to meta's ``"mode"`` when meta's
+    metric is the one used, else to ``min`` for losses and ``max`` otherwise.
+
+    `reference` (default: meta's ``"reference"``, else ``all``) is the strategy every other one is compared with,
+    seed by seed, in the summary's paired columns; a reference that was not run is said in the summary (and
+    warned about), not an error. With a ``flops`` column the summary and the best-so-far plot also give compute
+    in fine-tune equivalents.
     """
     out = Path(out_dir)
     trials = read_trials(out)
@@ -51,17 +76,25 @@ def write_report(out_dir: str | Path, metric: str | None = None) -> dict[str, Pa
     trajectories = _read_json(out / TRAJECTORIES_FILE)
     metric = metric or meta.get("metric") or DEFAULT_METRIC
     validate_trials(trials, metric)
-    summary = summarize(trials, metric)
+    if mode is None:
+        mode = meta.get("mode") if meta.get("metric") == metric and meta.get("mode") else infer_mode(metric)
+    check_metric_mode(metric, mode)
+    reference = reference or meta.get("reference") or DEFAULT_REFERENCE
+    summary = summarize(trials, metric, mode, reference)
+    if reference_missing(summary):
+        warnings.warn(f"reference strategy {reference!r} is not in the trials table: no paired verdicts",
+                      stacklevel=2)
+    _check_units(trials)
     paths: dict[str, Path] = {"summary_csv": out / SUMMARY_CSV_FILE}
     summary.to_csv(paths["summary_csv"], index=False)
-    paths["best_so_far"] = plot_best_so_far(trials, out / BEST_SO_FAR_FILE, metric)
+    paths["best_so_far"] = plot_best_so_far(trials, out / BEST_SO_FAR_FILE, metric, mode)
     if trajectories:
         heatmap = plot_gate_heatmap(trajectories, out / GATES_HEATMAP_FILE)
         if heatmap is not None:
             paths["gates_heatmap"] = heatmap
-    paths["block_map"] = plot_block_map(trials, out / BLOCK_MAP_FILE, metric)
+    paths["block_map"] = plot_block_map(trials, out / BLOCK_MAP_FILE, metric, mode)
     try:
-        best: tuple[BlockSelection, pd.Series] | None = best_selection(trials, metric)
+        best: tuple[BlockSelection, pd.Series] | None = best_selection(trials, metric, mode)
     except NoSuccessfulTrialError as exc:
         warnings.warn(f"{exc}; best_selection.json and best_lora_config not written", stacklevel=2)
         best = None
@@ -69,5 +102,7 @@ def write_report(out_dir: str | Path, metric: str | None = None) -> dict[str, Pa
         paths.update(export_best(*best, out, metric, meta))
     images = [p.name for key, p in paths.items() if p.suffix == ".png"]
     paths["summary_md"] = out / SUMMARY_MD_FILE
-    paths["summary_md"].write_text(summary_document(summary, metric, meta, best, images))
+    paths["summary_md"].write_text(summary_document(
+        summary, metric, meta, best, images, notes=[n for n in (units_note(trials),) if n]
+    ))
     return paths
