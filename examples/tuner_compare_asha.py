@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             param_space=base,
             tune_config=tune.TuneConfig(
                 search_alg=searcher, num_samples=num_samples, max_concurrent_trials=2,
-                scheduler=ASHAScheduler(metric="val_accuracy", mode="max", time_attr="step",
+                scheduler=ASHAScheduler(metric="val_accuracy", mode="max", time_attr="finetune_step",
                                         max_t=args.steps, grace_period=max(1, args.steps // 3)),
             ),
             run_config=tune.RunConfig(name=f"asha_{name}", storage_path=args.storage, verbose=0),

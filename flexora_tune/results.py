@@ -35,6 +35,13 @@ SEARCH_METRICS: tuple[str, ...] = (SEARCH_VAL_LOSS, SEARCH_TRAIN_LOSS)
 DEFAULT_METRIC = VAL_ACCURACY
 #: Lower is better for a metric whose name contains one of these words.
 MIN_WORDS: tuple[str, ...] = ("loss", "error", "perplexity", "ppl")
+#: A floor's test loss (fine-tune trials report no test loss; `floors.json` does, where one is defined).
+TEST_LOSS = "test_loss"
+#: The floors of a comparison (`floors.py`): reference rows of its summary, never strategies.
+MAJORITY_CLASS = "majority-class"
+NO_FINE_TUNE = "no-fine-tune"
+#: best_selection.json: whether the winner's validation metric beats the majority-class floor's.
+BEATS_MAJORITY_CLASS = "beats_majority_class"
 
 # Files inside a trial's checkpoint.
 SELECTION_FILE = "selection.json"
@@ -52,6 +59,8 @@ GATES_HEATMAP_FILE = "gates_heatmap.png"
 BLOCK_MAP_FILE = "block_map.png"
 BEST_SELECTION_FILE = "best_selection.json"
 BEST_LORA_CONFIG_DIR = "best_lora_config"
+#: The floors `compare` computes before any trial (majority-class and no-fine-tune, per split).
+FLOORS_FILE = "floors.json"
 
 
 def infer_mode(metric: str) -> Mode:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import tempfile
 import time
 from collections.abc import Mapping
@@ -13,7 +14,16 @@ from typing import Any, Literal
 
 from .blocks import BlockSelection, format_blocks
 from .finetune import FinetuneSettings, planned_steps, settings_from
-from .results import FINETUNE_METRICS, SELECTION_FILE, best_search_selection, trial_outcomes
+from .results import (
+    FINETUNE_METRICS,
+    FINETUNE_STEP,
+    SEARCH_TRAIN_LOSS,
+    SELECTION_FILE,
+    TRAIN_LOSS,
+    best_search_selection,
+    infer_mode,
+    trial_outcomes,
+)
 from .search.encoding import BLOCKS_KEY, LAYERS_KEY, num_blocks_of, selection_from_config
 from .tasks import TaskData, load_task
 
@@ -21,7 +31,10 @@ Stage = Literal["search", "finetune"]
 IDENTITY_KEYS = ("model", "task", "seed", "stage", "strategy", "variant")
 SUBSET_KEYS = (LAYERS_KEY, BLOCKS_KEY)
 STAGE_OVERRIDE_KEYS = ("search", "finetune")
-NAN = float("nan")
+#: What a search report holds under each fine-tune metric: the worst value of its kind, never a measurement.
+SEARCH_PLACEHOLDERS: dict[str, float] = {
+    key: math.inf if infer_mode(key) == "min" else -math.inf for key in FINETUNE_METRICS
+}
 _CURVES = ("trajectory_steps", "alpha_trajectory", "val_loss_curve", "train_loss_curve")
 
 
@@ -117,15 +130,18 @@ def parse_config(config: Mapping[str, Any], num_blocks: int | None = None) -> Tr
     )
 
 
-def ray_runtime_settings() -> dict[str, Any]:
-    """torch threads = the CPUs Ray assigned this trial; device ``cuda`` when Ray assigned a GPU (whole or
-    fractional) and CUDA works here. Oversubscribed threads make each step several times slower."""
+def ray_runtime_settings(requested_device: str | None = None) -> dict[str, Any]:
+    """torch threads = the CPUs Ray assigned this trial (oversubscribed threads make each step several times
+    slower); device ``cuda`` when Ray assigned a GPU (whole or fractional), ``cpu`` when it assigned none.
+    A trial given a GPU that CUDA cannot use here fails at once with `TrialDeviceError` (which case, and the
+    fix) instead of training on the CPU; `requested_device` (the trial's ``device`` setting) ``"cpu"`` opts out."""
     import ray
-    import torch
+
+    from .devices import trial_device
 
     assigned = ray.get_runtime_context().get_assigned_resources()
     settings: dict[str, Any] = {"threads": max(1, int(assigned.get("CPU", 1) or 1))}
-    settings["device"] = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    settings["device"] = trial_device(ray.get_gpu_ids(), requested=requested_device)
     return settings
 
 
@@ -169,8 +185,16 @@ def trainable(config: dict[str, Any]) -> None:
     Reported after every epoch / ``eval_every`` steps (fine-tune) or every ``report_every`` steps (search),
     each report with a resumable `ray.tune.Checkpoint`:
 
-    - ``val_accuracy``, ``val_loss``, ``test_accuracy``, ``train_loss``: the fine-tune's metrics (NaN in
-      search trials, so schedulers never compare a search against a fine-tune);
+    - ``val_accuracy``, ``val_loss``, ``test_accuracy``, ``train_loss``: the fine-tune's metrics. Search
+      reports hold them only as placeholders, -inf (+inf for a loss): the worst value, never a measurement.
+      They are there because Tune's strict metric check wants the experiment's metric in every report, and
+      are not NaN so that ``ResultGrid.get_dataframe(filter_metric=...)`` works under pandas 3 (its row for
+      a search trial is then the search's first report);
+    - ``finetune_step`` (`FINETUNE_STEP`): the time attribute to give schedulers, e.g.
+      ``ASHAScheduler(time_attr="finetune_step", max_t=<fine-tune steps>)``: a fine-tune's optimizer step,
+      and 0 in every search report, so ASHA, MedianStoppingRule and HyperBand never place a search at a rung
+      or compare one, and never stop a fine-tune because of one. PBT refuses any searcher (Ray raises at
+      start). A search that a scheduler on another time attribute cuts short contributes no selection;
     - ``num_blocks``, ``num_blocks_total``, ``blocks`` (``"0,3,7"``), ``trainable_params``;
     - ``compute_s``: cumulative compute seconds of this trial (excluding Ray overhead, across resumes);
     - ``step``, ``total_steps``, ``progress`` (step / total_steps) and ``final`` (True on the last report of
@@ -178,7 +202,8 @@ def trainable(config: dict[str, Any]) -> None:
     - ``stage``, ``strategy``, ``variant``, ``seed``, ``device``, ``threads``, ``node_id`` (what and where the
       trial ran), and
       ``start_time``/``report_time`` (epoch seconds: when the trial started, when this was reported);
-    - search trials also: ``search_val_loss``, ``alpha`` (list, one per block), and in the final report
+    - search trials also: their own losses ``search_val_loss`` and ``search_train_loss`` (means since the
+      previous report), ``alpha`` (list, one per block), and in the final report
       ``selection`` (the `SelectionResult` as JSON, without its curves; the full one is ``selection.json``
       in that report's checkpoint), plus the search's ``gates``, ``threshold`` and ``stable_steps``.
 
@@ -188,7 +213,7 @@ def trainable(config: dict[str, Any]) -> None:
     import ray
 
     trial = parse_config(config)
-    runtime = ray_runtime_settings()
+    runtime = ray_runtime_settings(trial.settings.get("device"))
     settings = {**runtime, **trial.settings}
     identity = {"stage": trial.stage, "strategy": trial.label, "variant": trial.variant, "seed": trial.seed,
                 "device": str(settings["device"]), "threads": settings["threads"], "start_time": time.time(),
@@ -208,8 +233,8 @@ def _run_finetune(trial: TrialConfig, settings: dict[str, Any], identity: dict[s
 
     def on_eval(metrics: dict[str, Any], save_state) -> None:
         blocks = trial.selection.blocks if trial.selection else tuple(range(num_total))
-        _report({**metrics, **identity, "blocks": format_blocks(blocks), "num_blocks_total": num_total,
-                 "total_steps": total, "progress": metrics["step"] / total,
+        _report({**metrics, **identity, FINETUNE_STEP: metrics["step"], "blocks": format_blocks(blocks),
+                 "num_blocks_total": num_total, "total_steps": total, "progress": metrics["step"] / total,
                  "final": metrics["step"] >= total}, save_state)
 
     num_total = trial.selection.num_blocks_total if trial.selection else num_blocks_of(trial.model)
@@ -221,13 +246,14 @@ def _run_finetune(trial: TrialConfig, settings: dict[str, Any], identity: dict[s
 def _run_search(trial: TrialConfig, settings: dict[str, Any], identity: dict[str, Any]) -> None:
     from .flexora import SelectionResult, search_layers
 
-    unset = dict.fromkeys(FINETUNE_METRICS, NAN)
+    unset = {**SEARCH_PLACEHOLDERS, FINETUNE_STEP: 0}
 
     def on_step(metrics: dict[str, Any], save_state) -> None:
         blocks = list(metrics.get("blocks") or [])
         total = metrics.get("total_steps")
-        row = {**unset, **{k: v for k, v in metrics.items() if k not in ("blocks", "alpha")}, **identity,
-               "blocks": format_blocks(blocks), "num_blocks": len(blocks),
+        own = {SEARCH_TRAIN_LOSS if k == TRAIN_LOSS else k: v for k, v in metrics.items()
+               if k not in ("blocks", "alpha")}
+        row = {**own, **unset, **identity, "blocks": format_blocks(blocks), "num_blocks": len(blocks),
                "alpha": [float(a) for a in metrics.get("alpha") or []], "final": False}
         if total:
             row["progress"] = metrics["step"] / total
@@ -247,8 +273,8 @@ def _run_search(trial: TrialConfig, settings: dict[str, Any], identity: dict[str
     summary = {k: v for k, v in result.to_dict().items() if k not in _CURVES}
     _report({**unset, **identity, "blocks": format_blocks(result.blocks), "num_blocks": len(result.blocks),
              "num_blocks_total": result.num_blocks_total, "alpha": [float(a) for a in result.alpha],
-             "compute_s": result.compute_s, "step": result.steps, "selection": json.dumps(summary),
-             "progress": 1.0, "final": True}, save_selection)
+             "compute_s": result.compute_s, "flops": result.flops, "step": result.steps,
+             "selection": json.dumps(summary), "progress": 1.0, "final": True}, save_selection)
 
 
 def selection_from_analysis(analysis, metric: str = "val_accuracy", mode: str = "max"):

@@ -1,10 +1,10 @@
 """Real Ray Tune sweeps on a tiny model: every strategy through tune.run and tune.Tuner, errors, fractional
-GPUs, ASHA and an interrupted-and-restored Flexora sweep. Kept few and tiny (one shared Ray session)."""
+GPUs, ASHA and metric conflicts (restores: test_tune_restore.py; schedulers: test_tune_schedulers.py). Kept few
+and tiny (one shared Ray session)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -120,7 +120,8 @@ def test_two_trials_share_a_logical_gpu(base, tmp_path, ray_session):
     searcher = StaticLayerSearcher("val_accuracy", "max", rule="list", blocks=[[0], [3]])
     started = time.time()
     analysis = tune.run(tune.with_resources(waits_for_a_partner, {"cpu": 1, "gpu": 0.5}),
-                        config={**base, "marks": str(tmp_path / "marks")}, search_alg=searcher, num_samples=2,
+                        config={**base, "device": "cpu", "marks": str(tmp_path / "marks")}, search_alg=searcher,
+                        num_samples=2,
                         max_concurrent_trials=2, storage_path=str(tmp_path), verbose=0)
     df = analysis.dataframe()
     assert len(df) == 2 and time.time() - started < 60
@@ -140,34 +141,13 @@ def test_asha_stops_a_bad_subset_early(base, tmp_path):
     assert not by_size[4]["final"] and by_size[4]["training_iteration"] < 3
 
 
-class InterruptOnFirstFinetune(tune.Callback):
-    """Sends this process SIGINT (as Ctrl+C would) when the first fine-tune result arrives; once only."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("stage") == "finetune" and not os.path.exists(self.marker):
-            Path(self.marker).touch()
-            os.kill(os.getpid(), signal.SIGINT)
-
-
-def test_flexora_sweep_interrupted_and_restored_ends_with_the_planned_trials(base, tmp_path):
-    searcher = FlexoraSearcher("val_accuracy", "max", n_searches=1, neighbours=1)
-    config = {**base, "max_steps": 8}
+def test_a_metric_conflict_raises_before_any_trial(base, tmp_path):
     tuner = tune.Tuner(
-        trainable, param_space=config,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=searcher.planned_trials,
-                                    max_concurrent_trials=1),
-        run_config=tune.RunConfig(name="sweep", storage_path=str(tmp_path), verbose=0,
-                                  callbacks=[InterruptOnFirstFinetune(str(tmp_path / "interrupted"))]),
+        trainable, param_space=base,
+        tune_config=tune.TuneConfig(search_alg=tpe_searcher("val_loss", "min", num_blocks=4), metric="val_accuracy",
+                                    mode="max"),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="conflict", verbose=0),
     )
-    first = tuner.fit().get_dataframe()
-    assert (tmp_path / "interrupted").exists()
-    assert len(first) < 4 or not first["final"].all()  # really cut short
-    restored = tune.Tuner.restore(str(tmp_path / "sweep"), trainable=trainable, resume_unfinished=True)
-    df = restored.fit().get_dataframe()
-    assert len(df) == 4 and df["final"].all()
-    finetunes = df[df["stage"] == "finetune"]
-    assert len(finetunes) == 3 and len(set(subsets(finetunes))) == 3
-    assert subsets(finetunes[finetunes["variant"] == "search0"]) == subsets(df[df["stage"] == "search"])
+    with pytest.raises(ValueError, match="metric='val_loss' but the TuneConfig has metric='val_accuracy'"):
+        tuner.fit()
+    assert not [p for p in (tmp_path / "conflict").iterdir() if p.is_dir()]  # no trial started

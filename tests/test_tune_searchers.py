@@ -94,18 +94,35 @@ def test_flexora_defaults_fit_num_samples_4():
     assert [blocks_of(c) for c in drain(searcher)] == [(3, 4), (3,), (2, 3, 4)]
 
 
-def test_flexora_tolerates_errors_unknown_ids_none_and_early_stop():
-    searcher = FlexoraSearcher(n_searches=3, neighbours=0)
-    for i in range(3):
+def test_flexora_a_search_contributes_only_its_final_report():
+    searcher = FlexoraSearcher(n_searches=4, neighbours=0)
+    for i in range(4):
         searcher.suggest(f"s{i}")
     searcher.on_trial_complete("ghost", result={"val_accuracy": math.nan})
     searcher.on_trial_complete("s0", result=None, error=True)
     searcher.on_trial_result("s1", search_result([2, 3], final=False))
-    searcher.on_trial_complete("s1", result=None)  # killed by a scheduler: its last reported selection
-    searcher.on_trial_complete("s2", result=search_result([2, 3], final=False))  # early-stopped
+    searcher.on_trial_complete("s1", result=None)  # killed by HyperBand: no saved selection
+    searcher.on_trial_complete("s2", result=search_result([2, 3], final=False))  # cut short by a scheduler
     searcher.on_trial_complete("s2", result=search_result([5]))  # repeated completion: ignored
-    assert searcher.selections == {1: (2, 3), 2: (2, 3)}
-    assert [blocks_of(c) for c in drain(searcher)] == [(2, 3)]
+    searcher.on_trial_result("s3", search_result([1, 2]))  # its final report (selection saved), then an error
+    searcher.on_trial_complete("s3", result=None, error=True)
+    assert searcher.selections == {3: (1, 2)}
+    assert [blocks_of(c) for c in drain(searcher)] == [(1, 2)]
+
+
+@pytest.mark.parametrize("rerun_id", ["new-id", "s1"])  # restart_errored / resume_errored
+def test_flexora_counts_a_search_rerun_by_a_restore(rerun_id):
+    searcher = FlexoraSearcher(n_searches=2, neighbours=0)
+    searcher.suggest("s0"), searcher.suggest("s1")
+    searcher.on_trial_complete("s0", result=search_result([0, 1]))
+    searcher.on_trial_complete("s1", result=None, error=True)
+    assert blocks_of(searcher.suggest("f0")) == (0, 1)  # the plan, from search 0 alone
+    rerun = {**search_result([1, 2], final=False), "stage": "search", "strategy": "flexora", "seed": 1}
+    searcher.on_trial_result(rerun_id, rerun)
+    assert searcher.suggest("x") is None  # waits for the re-run instead of finishing
+    searcher.on_trial_complete(rerun_id, result={**rerun, "final": True})
+    late = drain(searcher, "g")
+    assert [(c["variant"], blocks_of(c)) for c in late] == [("search1", (1, 2)), ("consensus", (1,))]
 
 
 def test_flexora_all_searches_failed_finishes():
@@ -189,13 +206,52 @@ def test_tpe_suggests_nonempty_subsets_and_tolerates_nan_errors_early_stop(k):
 def test_tpe_metric_mode_late_and_unique_study(tiny_llama_dir, tmp_path):
     a, b = tpe_searcher(), tpe_searcher()
     assert a._study_name != b._study_name
-    with pytest.raises(RuntimeError, match="metric and mode"):
+    with pytest.raises(RuntimeError, match="needs a metric and a mode"):
         a.suggest("t0")
     a.set_search_properties("val_accuracy", "max", {"model": str(tiny_llama_dir)})
     assert len(a.suggest("t0")["layers"]) == 4
     a.save(str(tmp_path / "tpe.pkl"))
     b.restore(str(tmp_path / "tpe.pkl"))
     assert b.suggest("t1")["layers"]
+
+
+def test_metric_and_mode_come_from_the_tune_config_and_a_conflict_names_both():
+    random = RandomLayerSearcher(num_blocks=4)
+    random.set_search_properties("val_accuracy", "max", {})
+    assert (random.metric, random.mode) == ("val_accuracy", "max")
+    flexora = FlexoraSearcher("val_loss", "min")
+    flexora.set_search_properties(None, None, {})
+    assert (flexora.metric, flexora.mode) == ("val_loss", "min")
+    with pytest.raises(ValueError, match=r"metric='val_loss' but the TuneConfig has metric='val_accuracy'"):
+        FlexoraSearcher("val_loss").set_search_properties("val_accuracy", "max", {})
+    with pytest.raises(ValueError, match=r"mode='min' but the TuneConfig has mode='max'"):
+        tpe_searcher(mode="min", num_blocks=4).set_search_properties("val_accuracy", "max", {})
+
+
+def test_tpe_with_mode_only_learns_the_tune_config_metric():
+    searcher = tpe_searcher(num_blocks=4, mode="max", seed=0)
+    searcher.set_search_properties("val_accuracy", None, {})
+    for i in range(3):
+        searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", result={"val_accuracy": 0.5 + i / 10, "final": True})
+    told = [t for t in searcher._ot_study.get_trials() if t.params and any(t.params.values())]
+    assert [(t.state.name, t.value) for t in told] == [("COMPLETE", 0.5), ("COMPLETE", 0.6), ("COMPLETE", 0.7)]
+    assert searcher.metric == "val_accuracy"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: StaticLayerSearcher(rule="list", blocks=[[0], [1], [2]], num_blocks=4),
+    lambda: RandomLayerSearcher(num_blocks=4, k=1),
+    lambda: FlexoraSearcher(n_searches=3),
+    lambda: tpe_searcher("val_accuracy", "max", num_blocks=4),
+])
+def test_searchers_take_max_concurrent_trials_themselves(make):
+    searcher = make()
+    assert searcher.set_max_concurrency(2)  # True: Tune's ConcurrencyLimiter then leaves the counting to it
+    assert searcher.suggest("a") and searcher.suggest("b")
+    assert searcher.suggest("c") is None
+    searcher.on_trial_complete("a", result={"val_accuracy": 0.5, "final": True}, error=True)
+    assert searcher.suggest("c")
 
 
 def test_helpers():

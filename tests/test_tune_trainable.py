@@ -54,3 +54,10 @@ def test_planned_steps_matches_finetune_budget():
     assert planned_steps(120, FinetuneSettings()) == 45
     assert planned_steps(120, FinetuneSettings(max_steps=4)) == 4
     assert planned_steps(120, FinetuneSettings(epochs=1, max_train_examples=20, batch_size=8)) == 3
+
+
+def test_search_reports_hold_the_worst_value_of_each_finetune_metric():
+    from flexora_tune.tune_trainable import SEARCH_PLACEHOLDERS
+
+    inf = float("inf")
+    assert SEARCH_PLACEHOLDERS == {"val_accuracy": -inf, "val_loss": inf, "test_accuracy": -inf, "train_loss": inf}

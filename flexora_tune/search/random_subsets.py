@@ -9,7 +9,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from .base import LayerSearcher
+from .base import LayerSearcher, tune_trials
 from .encoding import encode_layers
 
 
@@ -43,6 +43,10 @@ class RandomLayerSearcher(LayerSearcher):
         self._rng = random.Random(seed)
         self._seen: set[tuple[int, ...]] = set()
 
+    @property
+    def label(self) -> str:
+        return f"random{self._k}" if self._k else self.strategy
+
     def _space_size(self, total: int) -> int:
         return math.comb(total, self._k) if self._k else 2**total - 1
 
@@ -63,10 +67,12 @@ class RandomLayerSearcher(LayerSearcher):
             budget = min(budget, self._max_trials)
         if len(self._seen) >= budget:
             return Searcher.FINISHED
+        if self.at_capacity(tune_trials()):
+            return None
         subset = self._draw(total)
         while subset in self._seen:
             subset = self._draw(total)
         self._seen.add(subset)
-        config = {"stage": "finetune", "strategy": self.strategy if not self._k else f"random{self._k}",
-                  "seed": self._trial_seed, "layers": encode_layers(subset, total)}
-        return self._suggestion(trial_id, subset, config)
+        config = {"stage": "finetune", "strategy": self.label, "seed": self._trial_seed,
+                  "layers": encode_layers(subset, total)}
+        return self._suggestion(trial_id, config)

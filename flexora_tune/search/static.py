@@ -8,7 +8,7 @@ from typing import Any, Literal
 from ray.tune.search import Searcher
 
 from ..blocks import BlockSelection
-from .base import LayerSearcher
+from .base import LayerSearcher, tune_trials
 from .encoding import encode_layers
 
 Rule = Literal["all", "first", "last", "list"]
@@ -55,7 +55,7 @@ class StaticLayerSearcher(LayerSearcher):
         self._next = 0
 
     @property
-    def strategy_name(self) -> str:
+    def label(self) -> str:
         return f"{self._rule}{self._k}" if self._rule in ("first", "last") else self._rule
 
     def _plan(self) -> list[dict[str, Any]]:
@@ -71,7 +71,7 @@ class StaticLayerSearcher(LayerSearcher):
         plan = []
         for subset in subsets:
             for seed in self._seeds:
-                config: dict[str, Any] = {"stage": "finetune", "strategy": self.strategy_name, "seed": seed}
+                config: dict[str, Any] = {"stage": "finetune", "strategy": self.label, "seed": seed}
                 if subset is not None:
                     total = self.num_blocks
                     BlockSelection(tuple(subset), total)  # validates against the model
@@ -87,6 +87,8 @@ class StaticLayerSearcher(LayerSearcher):
         plan = self._plan()
         if self._next >= len(plan):
             return Searcher.FINISHED
+        if self.at_capacity(tune_trials()):
+            return None
         config = plan[self._next]
         self._next += 1
-        return self._suggestion(trial_id, self._next - 1, config)
+        return self._suggestion(trial_id, config)
