@@ -25,12 +25,23 @@ order search step is that plus forward + backward of the validation batch to alp
 2 N_lora instead of 4 N_lora in backward). Utilisation = FLOPs / step time / (`--peak-tflops` * 1e12); the
 default 989 is the dense bf16 peak of an H100/H200 SXM.
 
-It needs torch, transformers and peft only (no Ray): it imports flexora_tune.flexora, .blocks, .gates and
-.objective, which are Ray-free, and checks that Ray was not imported.
+Reused trial workers (`--reuse-check`, on by default; ``only`` skips the step benchmark): a Llama of the same
+width (`--layers` blocks, the tests' word-level vocabulary) is saved with save_pretrained, then fine-tuned several
+times in this process through `flexora_tune.finetune` with the per-process model cache, as a reused Ray worker
+does: trials of the same model, one of another model (another head size: another cache key, which evicts the
+first), then the first again, each followed by `release_trial_memory()`. After every trial
+`torch.cuda.memory_allocated()` must be back at the cached model's footprint (`cached_model_bytes`) plus a
+constant (cuBLAS workspaces and the like, measured by the same trial without the cache), with no copy of a
+trial's model still alive; it also times a load from disk against a copy of the cached model, and compares a
+trial's numbers with and without the cache.
+
+It needs torch, transformers and peft only (no Ray): it imports flexora_tune.flexora, .blocks, .gates,
+.objective, .models and .finetune, which are Ray-free, and checks that Ray was not imported.
 
     python benchmarks/gpu.py                                  # on a CUDA node; writes to $OUT or results/
     python benchmarks/gpu.py --layers 4 --seq-len 2048 --second-order
     python benchmarks/gpu.py --device cpu --tiny              # smoke test on a CPU
+    python benchmarks/gpu.py --reuse-check only               # only the reused-worker memory check
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -47,6 +59,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    REPO,
     RESULTS,
     command_line,
     fmt,
@@ -184,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from flexora_tune.flexora import FlexoraSearch, SearchSettings
+    from flexora_tune.flexora import BilevelLoop, SearchSettings
     from flexora_tune.objective import loss_fn
 
     if args.threads:
@@ -206,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 0, total_steps)
     searches = {
-        kind: FlexoraSearch(model, layout, loss, lambda i: batch, lambda i: batch,
+        kind: BilevelLoop(model, layout, loss, lambda i: batch, lambda i: batch,
                             SearchSettings(hypergradient=kind, batch_size=shape.batch_size), total_steps)
         for kind in kinds if kind != "lora"
     }
@@ -283,13 +296,142 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ray_imported": "ray" in sys.modules}
 
 
+def save_reuse_model(shape: Shape, directory: Path, device: Any, dtype: Any) -> Path:
+    """A Llama of `shape`'s width and depth with random weights and the tests' word-level tokenizer (its
+    vocabulary instead of `shape.vocab`), saved with save_pretrained: a local model for `load_model`."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import tiny
+
+    tokenizer = tiny.tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    del model
+    return directory
+
+
+def reuse_check(args: argparse.Namespace, shape: Shape) -> dict[str, Any]:
+    """Fine-tunes in one process with the model cache, as a reused Ray worker runs them; after each,
+    `release_trial_memory()` and the memory left allocated (see the module doc)."""
+    import torch
+
+    from flexora_tune import models
+    from flexora_tune.finetune import finetune
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import tiny
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_reuse_"))
+    path = str(save_reuse_model(shape, scratch / "model", device, dtype))
+    rows = tiny.classification_rows(200)
+    three = [{**r, "label": r["label"] + str(i // 2 % 2) if r["label"] == "sport" else r["label"]}
+             for i, r in enumerate(rows)]
+    sources = {2: tiny.write_csv(scratch / "task2.csv", rows), 3: tiny.write_csv(scratch / "task3.csv", three)}
+    settings = {"max_steps": args.reuse_steps, "eval_every": args.reuse_steps, "batch_size": 4,
+                "eval_batch_size": 16, "lr": 1e-3, "device": str(device), "dtype": args.dtype}
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def allocated() -> int:
+        sync()
+        return torch.cuda.memory_allocated() if cuda else 0
+
+    def trial(label: str, num_labels: int, blocks: list[int], seed: int) -> dict[str, Any]:
+        task = {"source": str(sources[num_labels]), "max_length": 32, "val_size": 16, "test_size": 16}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        result = finetune(path, task, blocks, seed=seed, **settings)
+        seconds = time.perf_counter() - started
+        live = models.release_trial_memory()
+        return {"trial": label, "num_labels": num_labels, "blocks": blocks, "seed": seed, "s": seconds,
+                "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
+                "val_loss": result.val_loss, "allocated": allocated(), "cached": models.cached_model_bytes(device),
+                "peak": torch.cuda.max_memory_allocated() if cuda else 0, "live_copies": live}
+
+    previous = os.environ.get(models.CACHE_ENV)
+    try:
+        models.release_cached_models()
+        empty = allocated()
+        os.environ[models.CACHE_ENV] = "0"
+        reference = trial("A, no cache", 2, [0], 0)
+        os.environ[models.CACHE_ENV] = "1"
+        loads = {}
+        for kind in ("load from disk", "copy of the cached model"):
+            started = time.perf_counter()
+            model, _ = models.load_model(path, "classification", num_labels=2, device=device, dtype=dtype)
+            sync()
+            loads[kind] = time.perf_counter() - started
+            del model
+            models.release_trial_memory()
+        plan = [("A", 2, [0], 0), ("A", 2, [shape.layers - 1], 1), ("A", 2, [0], 0),
+                ("B (3 labels: another cache key)", 3, [0], 0), ("A again (reloaded)", 2, [0], 0)]
+        trials = [trial(*step) for step in plan]
+    finally:
+        if previous is None:
+            os.environ.pop(models.CACHE_ENV, None)
+        else:
+            os.environ[models.CACHE_ENV] = previous
+        models.release_cached_models()
+    constant = reference["allocated"] - empty  # what a trial leaves allocated without any cache
+    for row in trials:
+        row["leftover"] = row["allocated"] - empty - row["cached"] if cuda else math.nan
+        row["ok"] = row["live_copies"] == 0 and (not cuda or row["leftover"] == constant)
+    same = [(r["val_accuracy"], r["test_accuracy"], r["val_loss"]) for r in [reference, *trials]
+            if r["num_labels"] == 2 and r["blocks"] == [0]]
+    return {"device": str(device), "dtype": args.dtype, "empty": empty, "constant": constant, "loads_s": loads,
+            "reference": reference, "trials": trials, "same_numbers": len(set(same)) == 1,
+            "ok": all(r["ok"] for r in trials) and reference["live_copies"] == 0}
+
+
+def reuse_markdown(reuse: dict[str, Any]) -> str:
+    """The reused-worker section of gpu.md."""
+    mib = 2**20
+    lines = [
+        "## Reused trial workers: memory between trials", "",
+        f"Device {reuse['device']}, {reuse['dtype']}. Allocated before any trial: {reuse['empty'] / mib:.1f} MiB; "
+        f"a trial without the cache leaves {reuse['constant'] / mib:.1f} MiB allocated (workspaces), the *constant*. "
+        "*leftover*: allocated after the trial and `release_trial_memory()`, minus the empty device, minus the "
+        "cached models (`cached_model_bytes`); it must equal the constant. *live copies*: trial models still "
+        "referenced (must be 0). On a CPU only the live copies are checked.", "",
+        f"Load of the model: {reuse['loads_s']['load from disk']:.2f} s from disk, "
+        f"{reuse['loads_s']['copy of the cached model']:.3f} s as a copy of the cached model.", "",
+    ]
+    rows = [[r["trial"], r["seed"], ",".join(map(str, r["blocks"])), fmt(r["s"], 2), fmt(r["val_accuracy"], 4),
+             fmt(r["val_loss"], 4), f"{r['cached'] / mib:.1f}", f"{r['allocated'] / mib:.1f}",
+             f"{r['peak'] / mib:.1f}", fmt(r["leftover"] / mib, 3), r["live_copies"], "yes" if r["ok"] else "NO"]
+            for r in reuse["trials"]]
+    lines.append(markdown_table(["trial", "seed", "blocks", "s", "val acc", "val loss", "cached MiB",
+                                 "allocated after MiB", "peak MiB", "leftover MiB", "live copies", "ok"], rows))
+    lines += ["", f"Same seed and subset with and without the cache: "
+              f"{'the same' if reuse['same_numbers'] else 'DIFFERENT'} val/test accuracy and val loss. "
+              f"Check: {'passed' if reuse['ok'] else 'FAILED'}.", ""]
+    return "\n".join(lines)
+
+
 def tiny_shape() -> Shape:
     """A few-MB Llama for a CPU smoke test."""
     return Shape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256, batch_size=2, seq_len=32,
                  answer_tokens=4)
 
 
-def write_markdown(path: Path, result: dict[str, Any], info: dict[str, Any], command: str) -> None:
+def write_markdown(result: dict[str, Any], info: dict[str, Any], command: str) -> str:
+    """The step benchmark's part of gpu.md."""
     s, p = result["shape"], result["params"]
     memory = "torch.cuda.max_memory_allocated" if result["device"].startswith("cuda") else "peak RSS (CPU)"
     rows = [[r["kind"], fmt(r["step_s"], 4), fmt(r["time_ratio"], 2), fmt(r["train_tokens_per_s"], 0),
@@ -312,8 +454,7 @@ def write_markdown(path: Path, result: dict[str, Any], info: dict[str, Any], com
     text += markdown_table(["step", "s", "time ratio", "train tokens/s", "peak GiB", "peak ratio", "over GiB",
                             "over ratio", "GFLOP/step (formula)", "GFLOP/step (torch counter)", "TFLOP/s",
                             "utilisation %"], rows)
-    text += "\n"
-    path.write_text(text)
+    return text + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -341,6 +482,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs)")
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS,
                         help="results directory (default: $OUT if set, else benchmarks/results)")
+    parser.add_argument("--reuse-check", default="on", choices=("on", "off", "only"),
+                        help="the reused-worker memory check: after the step benchmark (on), not (off), or alone")
+    parser.add_argument("--reuse-steps", type=int, default=4, help="training steps per reuse-check trial (4)")
     parser.add_argument("--name", default=None, help="result file stem (default gpu, or gpu_smoke_cpu with --tiny)")
     return parser.parse_args(argv)
 
@@ -349,18 +493,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.count_flops = args.count_flops or args.tiny
     command = command_line()
-    result = run(args)
+    result = run(args) if args.reuse_check != "only" else None
+    shape = tiny_shape() if args.tiny else Shape(args.layers, args.hidden, args.intermediate, args.heads,
+                                                 args.kv_heads, args.vocab, args.batch_size, args.seq_len,
+                                                 args.answer_tokens)
+    reuse = reuse_check(args, shape) if args.reuse_check != "off" else None
+    ray_imported = "ray" in sys.modules
     info = machine_info()
-    name = args.name or ("gpu_smoke_cpu" if args.tiny and args.device == "cpu" else "gpu")
+    stem = "gpu_reuse" if result is None else "gpu"
+    name = args.name or (f"{stem}_smoke_cpu" if args.tiny and args.device == "cpu" else stem)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / f"{name}.json", {"command": command, "machine": info, **result})
-    write_markdown(args.out / f"{name}.md", result, info, command)
-    for r in result["summary"]:
+    write_json(args.out / f"{name}.json", {"command": command, "machine": info, **(result or {}), "reuse": reuse,
+                                           "ray_imported": ray_imported})
+    text = write_markdown(result, info, command) if result else header_markdown(
+        "GPU: reused trial workers", info, command, None) + f"- Ray imported: {ray_imported}\n"
+    (args.out / f"{name}.md").write_text(text + ("\n" + reuse_markdown(reuse) if reuse else ""))
+    for r in (result or {}).get("summary", []):
         print(f"{r['kind']:>13}: {r['step_s']:.4f}s x{r['time_ratio']:.2f}, {r['train_tokens_per_s']:.0f} tok/s, "
               f"peak {r['peak_gib']:.2f} GiB x{r['peak_ratio']:.2f} (over {r['over_gib']:.2f} GiB), "
               f"{r['achieved_tflops']:.1f} TFLOP/s = {100 * r['utilisation']:.1f}% of peak")
-    print(f"[gpu] Ray imported: {result['ray_imported']}; wrote {args.out / name}.md/.json")
-    return 1 if result["ray_imported"] else 0
+    if reuse:
+        for r in reuse["trials"]:
+            print(f"[reuse] {r['trial']:>32}: {r['s']:.2f}s, allocated after {r['allocated'] / GIB:.3f} GiB, cached "
+                  f"{r['cached'] / GIB:.3f} GiB, leftover {fmt(r['leftover'] / 2**20, 3)} MiB, live copies "
+                  f"{r['live_copies']}, ok {r['ok']}")
+        print(f"[reuse] loads {reuse['loads_s']}; constant {reuse['constant'] / 2**20:.3f} MiB; same numbers "
+              f"{reuse['same_numbers']}; check {'passed' if reuse['ok'] else 'FAILED'}")
+    print(f"[gpu] Ray imported: {ray_imported}; wrote {args.out / name}.md/.json")
+    return 1 if ray_imported or (reuse is not None and not reuse["ok"]) else 0
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from .guards import at_least, device_option, loader_options, number
 
 
 def block_list_arg(text: str) -> list[int]:
@@ -21,6 +24,14 @@ def block_list_arg(text: str) -> list[int]:
         return parse_block_list(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+MIN_TOKENS = 8  # TaskSpec.max_length and SearchSettings.search_max_length: at least this many tokens
+
+
+def _loader(args: argparse.Namespace) -> dict[str, Any]:
+    """Model-loader options of this command: ``trust_remote_code`` only with --trust-remote-code."""
+    return loader_options(vars(args))
 
 
 def _task_arg(args: argparse.Namespace) -> str | dict[str, Any]:
@@ -45,11 +56,18 @@ def _add_model_task(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-column", help="classification label column (default: label)")
     group.add_argument("--prompt-column", help="causal-LM prompt column (default: prompt)")
     group.add_argument("--answer-column", help="causal-LM answer column (default: answer)")
-    group.add_argument("--max-examples", type=int, help="use at most this many examples of the dataset")
-    group.add_argument("--max-length", type=int, help="token cut-off per example")
-    group.add_argument("--val-size", type=float, help="validation split: a count, or a fraction if < 1")
-    group.add_argument("--test-size", type=float, help="test split: a count, or a fraction if < 1")
-    group.add_argument("--search-val-size", type=float, help="Flexora's search-validation split")
+    group.add_argument("--max-examples", type=at_least(8), help="use at most this many examples of the dataset")
+    group.add_argument("--max-length", type=at_least(MIN_TOKENS), help="token cut-off per example")
+    group.add_argument("--val-size", type=number, help="validation split: a count, or a fraction if < 1")
+    group.add_argument("--test-size", type=number, help="test split: a count, or a fraction if < 1")
+    group.add_argument("--search-val-size", type=number, help="Flexora's search-validation split")
+    _add_trust(group)
+
+
+def _add_trust(group: Any) -> None:
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="run the Python code a model directory or hub repository ships (its auto_map); only "
+                            "for code you have read and trust (default: never run it, never ask)")
 
 
 FINETUNE_BUDGET = ("epochs", "max_steps", "max_train_examples")
@@ -61,29 +79,31 @@ def _add_training(parser: argparse.ArgumentParser, *, single_run: bool = True, e
     group = parser.add_argument_group("training")
     if single_run:
         group.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
-        group.add_argument("--threads", type=int, help="torch intra-op threads")
-    group.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 3)")
-    group.add_argument("--max-steps", type=int, help="cap on fine-tuning optimizer steps")
-    group.add_argument("--max-train-examples", type=int,
+        group.add_argument("--threads", type=at_least(1), help="torch intra-op threads")
+    group.add_argument("--epochs", type=at_least(1), help="fine-tuning epochs (default: 3)")
+    group.add_argument("--max-steps", type=at_least(1), help="cap on fine-tuning optimizer steps")
+    group.add_argument("--max-train-examples", type=at_least(1),
                        help="fine-tune (and search) on only the first N training examples (default: all)")
     if evaluating:
-        group.add_argument("--eval-every", type=int, help="evaluate every N steps instead of after each epoch")
-    group.add_argument("--lr", type=float, help="LoRA learning rate (default: 1e-4)")
-    group.add_argument("--batch-size", type=int, help="batch size (default: 8)")
-    group.add_argument("--rank", type=int, dest="r", help="LoRA rank (default: 8)")
-    group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+        group.add_argument("--eval-every", type=at_least(1), help="evaluate every N steps instead of after each epoch")
+    group.add_argument("--lr", type=number, help="LoRA learning rate (default: 1e-4); a run whose loss diverges "
+                                                 "stops, naming the step")
+    group.add_argument("--batch-size", type=at_least(1), help="batch size (default: 8)")
+    group.add_argument("--rank", type=at_least(1), dest="r", help="LoRA rank (default: 8)")
+    group.add_argument("--device", type=device_option, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
 
 
 def _add_search(parser: argparse.ArgumentParser, steps_flag: str) -> None:
     group = parser.add_argument_group("Flexora search")
-    group.add_argument(steps_flag, type=int, dest="search_steps",
+    group.add_argument(steps_flag, type=at_least(1), dest="search_steps",
                        help="search steps (default: the reference's share of the fine-tune's steps: one pass "
                             "over the search set, shortened as much as --max-steps shortens the fine-tune)")
-    group.add_argument("--stop-when-stable", type=int, metavar="STEPS",
+    group.add_argument("--stop-when-stable", type=at_least(0), metavar="STEPS",
                        help="end the search once the selection has not changed for STEPS steps and alpha's "
                             f"ranking has settled (default: {_default_stable()}; 0 runs every step)")
-    group.add_argument("--search-max-length", type=int, help="token cut-off of search examples (default: the task's)")
-    group.add_argument("--val-batches", type=int, help="search-validation batches per gate step (default: 1)")
+    group.add_argument("--search-max-length", type=at_least(MIN_TOKENS),
+                       help="token cut-off of search examples (default: the task's)")
+    group.add_argument("--val-batches", type=at_least(1), help="search-validation batches per gate step (default: 1)")
 
 
 def _default_stable() -> int | None:
@@ -105,22 +125,40 @@ def _training_settings(args: argparse.Namespace, names: Sequence[str]) -> dict[s
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+def _selection_for(args: argparse.Namespace, path: str) -> tuple[Any, Any]:
+    """The `BlockSelection` in file `path` and `args.model`'s `BlockLayout`, checked to have the same block
+    count (no weights loaded)."""
+    from .files import read_selection_file
+    from .models import load_model_layout
+
+    selection = read_selection_file(path)
+    layout = load_model_layout(args.model, **_loader(args))
+    if selection.num_blocks_total != layout.num_blocks:
+        raise ValueError(f"selection {path} is for a model with {selection.num_blocks_total} blocks but {args.model!r} "
+                         f"has {layout.num_blocks}; use a selection made for this model (flexora-tune search "
+                         f"--model {args.model})")
+    return selection, layout
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .files import check_output_file, write_output
     from .finetune import finetune
+    from .floors import majority_line
+    from .guards import check_local_device
 
-    blocks = args.blocks
-    if args.selection:
-        from .blocks import BlockSelection
-
-        blocks = list(BlockSelection.from_json(Path(args.selection).read_text()).blocks)
+    if args.out:
+        check_output_file(args.out, "--out")
+    check_local_device(args.device)
+    blocks = _selection_for(args, args.selection)[0] if args.selection else args.blocks
     settings = _training_settings(args, [*FINETUNE_BUDGET, "lr", "batch_size", "r", "threads", "device",
                                          "eval_every"])
-    result = finetune(args.model, _task_arg(args), blocks=blocks, seed=args.seed, verbose=True, **settings)
+    result = finetune(args.model, _task_arg(args), blocks=blocks, seed=args.seed, verbose=True, **settings,
+                      **_loader(args))
     summary = {k: v for k, v in result.to_dict().items() if k != "history"}
     print(json.dumps(summary, indent=2))
+    print(majority_line(_task_arg(args), result.val_accuracy, args.max_train_examples))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
+        write_output(args.out, json.dumps(result.to_dict(), indent=2), "fine-tune result")
     return 0
 
 
@@ -149,7 +187,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
     os.environ["FLEXORA_TUNE_COMMAND"] = "flexora-tune " + " ".join(sys.argv[1:])
-    settings = _training_settings(args, [*FINETUNE_BUDGET, "lr", "batch_size", "r", "device", "eval_every"])
+    settings = {**_training_settings(args, [*FINETUNE_BUDGET, "lr", "batch_size", "r", "device", "eval_every"]),
+                **_loader(args)}
     search = _search_settings(args)
     if search:
         settings["search"] = search
@@ -158,7 +197,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         trials=args.trials, budget_s=args.budget_s, k=args.k, settings=settings, address=args.address,
         storage_path=args.storage_path, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent, resume=args.resume, max_failures=args.max_failures,
-        metric=args.metric, mode=args.mode,
+        metric=args.metric, mode=args.mode, reference=args.reference,
     )
     _print_summary(args.out, args.metric)
     print(f"results in {Path(args.out).resolve()}")
@@ -166,9 +205,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from .files import check_output_dir
     from .report import write_report
 
-    written = write_report(args.dir, metric=args.metric)
+    check_output_dir(args.dir, "DIR")
+    written = write_report(args.dir, metric=args.metric, reference=args.reference)
     _print_summary(args.dir, args.metric)
     for path in written.values():
         print(f"wrote {path}")
@@ -176,27 +217,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from .files import check_output_file, write_output
     from .flexora import search_layers
+    from .floors import majority_line
+    from .guards import check_local_device
 
-    settings = {**_training_settings(args, ["lr", "batch_size", "r", "threads", "device"]), **_search_settings(args)}
-    if args.top_k:
+    check_output_file(args.out, "--out")
+    check_local_device(args.device)
+    settings = {**_training_settings(args, ["lr", "batch_size", "r", "threads", "device"]), **_search_settings(args),
+                **_loader(args)}
+    if args.top_k is not None:
         settings.update(rule="top_k", top_k=args.top_k)
     sized_for = _training_settings(args, [*FINETUNE_BUDGET, "batch_size"])
     result = search_layers(args.model, _task_arg(args), args.seed, finetune=sized_for, verbose=True, **settings)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(result.to_json())
+    write_output(args.out, result.to_json(), "selection")
     print(f"selected blocks {list(result.blocks)} of {result.num_blocks_total} "
           f"({result.compute_s:.0f}s); wrote {args.out}")
+    print(majority_line(_task_arg(args), None, args.max_train_examples))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .blocks import BlockSelection
-    from .models import load_model_layout
+    from .files import check_output_dir
 
-    text = Path(args.selection).read_text()
-    selection = BlockSelection.from_json(text)
-    layout = load_model_layout(args.model)
+    check_output_dir(args.out, "--out")
+    selection, layout = _selection_for(args, args.selection)
     config = selection.to_lora_config(layout, target_modules=args.target_modules or None, r=args.rank,
                                       lora_alpha=args.lora_alpha)
     config.save_pretrained(args.out)
@@ -237,27 +282,30 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--strategies", type=_strategies, default=("flexora", "random", "all", "last-k"),
                      help="comma-separated, from flexora,random,tpe,all,first-k,last-k "
                           "(default: flexora,random,all,last-k)")
-    cmp.add_argument("--seeds", type=int, default=1, help="seeds per strategy (default: %(default)s)")
-    cmp.add_argument("--trials", type=int, default=3,
+    cmp.add_argument("--seeds", type=at_least(1), default=1, help="seeds per strategy (default: %(default)s)")
+    cmp.add_argument("--trials", type=at_least(1), default=3,
                      help="fine-tunes per strategy and seed; static rules need one (default: %(default)s)")
-    cmp.add_argument("--budget-s", type=float, help="compute seconds per strategy and seed, searches included")
-    cmp.add_argument("--k", type=int, help="blocks for first-k, last-k and random (default: Flexora's count)")
+    cmp.add_argument("--budget-s", type=number, help="compute seconds per strategy and seed, searches included")
+    cmp.add_argument("--k", type=at_least(1), help="blocks for first-k, last-k and random (default: Flexora's count)")
     cmp.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_loss"),
                      help="validation metric that ranks trials and picks the winner (default: %(default)s)")
     cmp.add_argument("--mode", choices=("max", "min"),
                      help="whether higher or lower --metric is better (default: max for accuracy, min for loss)")
+    cmp.add_argument("--reference", default="all",
+                     help="strategy every other one is compared with, seed by seed (default: %(default)s)")
     cmp.add_argument("--out", default="results/compare", help="results folder (default: %(default)s)")
     ray_group = cmp.add_argument_group("Ray")
     ray_group.add_argument("--address", help="an existing Ray cluster (e.g. auto or ray://head:10001)")
     ray_group.add_argument("--storage-path", help="Tune storage, shared by all nodes on a cluster (s3://, gs://, NFS)")
-    ray_group.add_argument("--cpus-per-trial", type=float, default=1, help="(default: %(default)s)")
-    ray_group.add_argument("--gpus-per-trial", type=float, default=0, help="fractions pack trials (default: 0)")
-    ray_group.add_argument("--max-concurrent", type=int, help="trials at once per experiment")
+    ray_group.add_argument("--cpus-per-trial", type=number, default=1, help="(default: %(default)s)")
+    ray_group.add_argument("--gpus-per-trial", type=partial(number, zero=True), default=0,
+                           help="fractions pack trials (default: 0)")
+    ray_group.add_argument("--max-concurrent", type=at_least(1), help="trials at once per experiment")
     ray_group.add_argument("--resume", action="store_true",
                            help="continue an interrupted comparison in --out (same --storage-path): finished "
                                 "experiments are read back, interrupted ones restored with their searcher state "
                                 "and running trials' checkpoints, and the rest run fresh")
-    ray_group.add_argument("--max-failures", type=int, default=1,
+    ray_group.add_argument("--max-failures", type=at_least(-1), default=1,
                            help="retries per trial after a failure such as a lost node, each from the trial's "
                                 "last checkpoint; -1 retries forever (default: %(default)s)")
     cmp.set_defaults(handler=_cmd_compare)
@@ -267,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "from DIR/trials.csv alone.")
     rep.add_argument("dir", help="a results folder written by `compare`")
     rep.add_argument("--metric", help="validation metric that picks the winner (default: from meta.json)")
+    rep.add_argument("--reference",
+                     help="strategy the paired verdicts compare with (default: from meta.json, else all)")
     rep.set_defaults(handler=_cmd_report)
 
     se = commands.add_parser("search", help="run a Flexora search and write the selection",
@@ -275,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_task(se)
     _add_training(se, evaluating=False)
     _add_search(se, "--steps")
-    se.add_argument("--top-k", type=int, help="keep the k highest-gate blocks instead of those above the mean")
+    se.add_argument("--top-k", type=at_least(1), help="keep the k highest-gate blocks instead of those above the mean")
     se.add_argument("--out", default="selection.json", help="(default: %(default)s)")
     se.set_defaults(handler=_cmd_search)
 
@@ -285,24 +335,49 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("selection", help="selection JSON (best_selection.json or a search result)")
     ex.add_argument("--model", default="default", help="the model the selection is for (default: %(default)s)")
     ex.add_argument("--target-modules", nargs="+", help="default: the family's query/value projections")
-    ex.add_argument("--rank", type=int, default=8, help="(default: %(default)s)")
-    ex.add_argument("--lora-alpha", type=int, default=16, help="(default: %(default)s)")
+    ex.add_argument("--rank", type=at_least(1), default=8, help="(default: %(default)s)")
+    ex.add_argument("--lora-alpha", type=at_least(1), default=16, help="(default: %(default)s)")
+    _add_trust(ex)
     ex.add_argument("--out", default="lora_config", help="folder for adapter_config.json (default: %(default)s)")
     ex.set_defaults(handler=_cmd_export)
     return parser
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C left behind, said truthfully per command."""
+    if args.command == "compare":
+        from .guards import has_progress, storage_location
+        from .results import EXPERIMENTS_FILE
+
+        out = Path(args.out).absolute()
+        experiments = [f"{name}_seed{seed}" for seed in range(args.seeds) for name in args.strategies]
+        if has_progress(out, storage_location(out, args.storage_path), experiments, EXPERIMENTS_FILE):
+            return f"interrupted; finished results are kept; continue with --resume (results in {out})"
+        return f"interrupted before any experiment saved its state; nothing to resume in {out}: run it again"
+    if args.command in ("finetune", "search"):
+        what = "selection" if args.command == "search" else "result"
+        return f"interrupted; nothing was written (the {what} is written only when the run ends)"
+    return f"interrupted; {args.dir if args.command == 'report' else args.out} may be incomplete: run it again"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a bad input ends it with a one-line message and exit code 2 (argparse's own errors
+    too), a Ctrl-C with exit code 130 and what was kept."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        print(f"flexora-tune {args.command}: interrupted; finished results are kept"
-              + ("; continue with --resume" if args.command == "compare" else ""), file=sys.stderr)
+        print(f"flexora-tune {args.command}: {_interrupted(args)}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, RuntimeError) as exc:
-        print(f"flexora-tune {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as exc:
+        # OSError covers a missing file, NotADirectoryError, IsADirectoryError, FileExistsError,
+        # PermissionError, a full disk and ConnectionError (e.g. no Ray cluster at --address)
+        print(f"flexora-tune {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -17,20 +17,25 @@ from typing import Any
 
 import pandas as pd
 
+from . import guards
 from .blocks import BlockLayout
+from .files import check_output_dir
+from .floors import write_floors
 from .models import load_model_layout
 from .results import (
     EXPERIMENTS_FILE,
     FINETUNE_METRICS,
+    FLOPS,
     META_FILE,
+    SEARCH_METRICS,
     TRAJECTORIES_FILE,
+    TRIALS_FILE,
     VAL_ACCURACY,
     VAL_LOSS,
     check_metric_mode,
     infer_mode,
     read_selection,
 )
-from .tune_trainable import parse_config
 
 STRATEGIES = ("flexora", "random", "tpe", "all", "first-k", "last-k")
 
@@ -60,6 +65,8 @@ class CompareConfig:
     """Validation metric that ranks trials and picks the winner: ``val_accuracy`` or ``val_loss``."""
     mode: str | None = None
     """``max`` or ``min``; None: inferred from `metric` (min for losses)."""
+    reference: str = "all"
+    """The strategy every other one is compared with, seed by seed, in the paired verdicts."""
     settings: Mapping[str, Any] = field(default_factory=dict)
     """Trial settings shared by every strategy (fields of `FinetuneSettings`/`SearchSettings`, or the nested
     ``search``/``finetune`` dicts)."""
@@ -91,19 +98,25 @@ class CompareConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.budget_s is not None and not (isinstance(self.budget_s, int | float) and 0 < self.budget_s < math.inf):
             raise ValueError(f"budget_s must be a positive number of seconds, got {self.budget_s!r}")
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"k must be a positive int, got {self.k}")
+        for name in ("k", "max_concurrent"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if self.mode is None and isinstance(self.metric, str):
             object.__setattr__(self, "mode", infer_mode(self.metric))
         check_metric_mode(self.metric, self.mode)
+        if self.reference not in self.strategies:
+            raise ValueError(f"reference {self.reference!r} is not among the strategies {list(self.strategies)}; "
+                             "add it to the strategies or choose one of them as the reference")
         if self.metric not in (VAL_ACCURACY, VAL_LOSS):
             raise ValueError(f"metric {self.metric!r} is not a validation metric the trials report; choose "
                              f"{VAL_ACCURACY!r} (mode 'max') or {VAL_LOSS!r} (mode 'min')")
         if self.mode != infer_mode(self.metric):
             raise ValueError(f"mode {self.mode!r} would pick the worst trial by {self.metric!r}; use mode "
                              f"{infer_mode(self.metric)!r}")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        if not (0 < self.cpus_per_trial < math.inf and 0 <= self.gpus_per_trial < math.inf):
+            raise ValueError(f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, got {self.cpus_per_trial!r} and "
+                             f"{self.gpus_per_trial!r}")
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < -1:
             raise ValueError(f"max_failures must be an int >= 0 (or -1: retry forever), got {self.max_failures!r}")
 
@@ -183,13 +196,14 @@ def _trial_rows(grid, strategy: str, seed: int, metric: str) -> tuple[list[dict[
             "trial_id": trial_id, "strategy": strategy, "seed": seed, "stage": stage,
             "variant": m.get("variant") or config.get("variant", ""), "blocks": m.get("blocks", ""),
             "num_blocks": m.get("num_blocks"), "num_blocks_total": m.get("num_blocks_total"),
-            "trainable_params": m.get("trainable_params"),
-            **{key: m.get(key) for key in dict.fromkeys((*FINETUNE_METRICS, metric))},
+            "trainable_params": m.get("trainable_params"), FLOPS: m.get(FLOPS),
+            **{key: m.get(key) if stage != "search" else None for key in dict.fromkeys((*FINETUNE_METRICS, metric))},
+            **{key: m.get(key) for key in SEARCH_METRICS},
             "compute_s": m.get("compute_s", 0.0), "node": m.get("node_ip", ""),
             "node_id": m.get("node_id", ""),
             "start_time": m.get("start_time"), "end_time": m.get("report_time"), "status": status,
             "steps": m.get("step"), "alpha": json.dumps(m["alpha"]) if stage == "search" and "alpha" in m else "",
-            "error": str(result.error).splitlines()[0][:300] if result.error else "",
+            "error": guards.error_line(result.error),
         })
         data = read_selection(result.checkpoint) if stage == "search" else None
         if data is not None:
@@ -277,7 +291,8 @@ def _auto_k(rows: Sequence[Mapping[str, Any]], seed: int, fallback: int) -> int:
 
 def _init_ray(cfg: CompareConfig) -> None:
     """Join `cfg.address` or start a local Ray; Tune's own tables and hints are silenced in favour of
-    one progress line per trial."""
+    one progress line per trial. An address where nothing answers fails at once, and so does a trial that
+    asks this machine's own Ray for more CPUs or GPUs than it has (it would wait forever)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -285,70 +300,88 @@ def _init_ray(cfg: CompareConfig) -> None:
 
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
 
-    if ray.is_initialized():
-        return
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        if cfg.address:
+            guards.join_ray_cluster(cfg.address)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False)
+    if not cfg.address:
+        guards.check_local_resources(cfg.cpus_per_trial, cfg.gpus_per_trial)
 
 
 def compare(out: str | Path = "results/compare", **options: Any) -> pd.DataFrame:
     """Run the comparison described by `CompareConfig(**options)`, write `out` (trials.csv, summary.csv,
-    plots, best_selection.json, best_lora_config/) and return the trials DataFrame.
+    floors.json, plots, best_selection.json, best_lora_config/) and return the trials DataFrame.
 
-    Results are written after every experiment, so a later failure never loses finished trials.
+    Settings, task, model, device and output folders are checked before Ray starts or anything is written.
+    `out` stays locked for the run (a second comparison on it: `ResultsBusyError`); `resume` refuses a folder
+    without an earlier comparison, or with another configuration (`ResumeError`, naming the keys). Results
+    are written after every experiment; when no fine-tune succeeded, `NoSuccessfulTrialError` follows them.
     """
     from .report import write_report, write_trials
 
     cfg = CompareConfig(**options)
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.storage_path and "://" in cfg.storage_path:  # s3://, gs://, ...: shared by every node of a cluster
-        storage = cfg.storage_path.rstrip("/")
-    else:
-        storage = str(Path(cfg.storage_path).resolve() if cfg.storage_path else out / "ray")
-    done_file = out / EXPERIMENTS_FILE
-    done = set(json.loads(done_file.read_text())) if cfg.resume and done_file.exists() else set()
-    if not cfg.resume:
-        done_file.unlink(missing_ok=True)
-    layout = load_model_layout(cfg.model)
+    model, task = guards.absolute_model(cfg.model), guards.absolute_task(cfg.task)
+    layout = load_model_layout(model, **guards.loader_options(cfg.settings))
     num_total = layout.num_blocks
-    base = {"model": cfg.model, "task": dict(cfg.task) if isinstance(cfg.task, Mapping) else cfg.task,
-            **dict(cfg.settings)}
-    for stage in ("search", "finetune"):  # a bad setting fails here, not in every trial
-        parse_config({**base, "stage": stage}, num_blocks=num_total)
-    _write_meta(out, cfg, layout)
-    _init_ray(cfg)
-    rows: list[dict[str, Any]] = []
-    trajectories: dict[str, Any] = {}
-    started = time.time()
-    order = sorted(cfg.strategies, key=lambda s: s != "flexora")
-    for seed in range(cfg.seeds):
-        for name in order:
-            k = cfg.k or (_auto_k(rows, seed, max(1, num_total // 2)) if name != "tpe" else None)
-            experiment = f"{name}_seed{seed}"
-            grid = _run_experiment(name, cfg, seed, k if name in ("random", "first-k", "last-k") else None,
-                                   storage, base, finished=experiment in done)
-            new_rows, new_traj = _trial_rows(grid, name, seed, cfg.metric)
-            rows.extend(new_rows)
-            trajectories.update(new_traj)
-            write_trials(pd.DataFrame(rows), out)
-            (out / TRAJECTORIES_FILE).write_text(json.dumps(trajectories))
-            done.add(experiment)
-            done_file.write_text(json.dumps(sorted(done)))
-    print(f"[compare] {len(rows)} trials in {time.time() - started:.0f}s; writing the report to {out}", flush=True)
-    write_report(out, metric=cfg.metric)
+    base = {"model": model, "task": dict(task) if isinstance(task, Mapping) else task, **dict(cfg.settings)}
+    guards.check_trial_settings(base, layout.num_blocks, gpus_per_trial=cfg.gpus_per_trial, k=cfg.k)
+    out = check_output_dir(out, "--out")
+    storage = guards.storage_location(out, cfg.storage_path)
+    if "://" not in storage:
+        check_output_dir(storage, "--storage-path")
+    experiments = [f"{name}_seed{seed}" for seed in range(cfg.seeds) for name in cfg.strategies]
+    meta = _meta(cfg, layout, model, task)
+    if cfg.resume and out.is_dir():  # refuse before the lock file is created in a folder that is not a comparison's
+        guards.check_resume(out, storage, experiments, meta, META_FILE, EXPERIMENTS_FILE)
+    out.mkdir(parents=True, exist_ok=True)
+    with guards.results_lock(out):
+        if cfg.resume:
+            note = guards.check_resume(out, storage, experiments, meta, META_FILE, EXPERIMENTS_FILE)
+            if note:
+                print(f"[compare] {note}", flush=True)
+        elif guards.read_compare_meta(out, META_FILE) is not None:
+            print(f"[compare] {out} holds an earlier comparison; starting over (--resume continues one)", flush=True)
+        _init_ray(cfg)
+        done_file = out / EXPERIMENTS_FILE
+        done = set(json.loads(done_file.read_text())) if cfg.resume and done_file.exists() else set()
+        if not cfg.resume:
+            done_file.unlink(missing_ok=True)
+        (out / META_FILE).write_text(json.dumps(meta, indent=2))
+        write_floors(out, model, task, cfg.settings, reuse=cfg.resume, **guards.loader_options(cfg.settings))
+        rows: list[dict[str, Any]] = []
+        trajectories: dict[str, Any] = {}
+        started = time.time()
+        order = sorted(cfg.strategies, key=lambda s: s != "flexora")
+        for seed in range(cfg.seeds):
+            for name in order:
+                k = cfg.k or (_auto_k(rows, seed, max(1, num_total // 2)) if name != "tpe" else None)
+                experiment = f"{name}_seed{seed}"
+                grid = _run_experiment(name, cfg, seed, k if name in ("random", "first-k", "last-k") else None,
+                                       storage, base, finished=experiment in done)
+                new_rows, new_traj = _trial_rows(grid, name, seed, cfg.metric)
+                rows.extend(new_rows)
+                trajectories.update(new_traj)
+                write_trials(pd.DataFrame(rows), out)
+                (out / TRAJECTORIES_FILE).write_text(json.dumps(trajectories))
+                if not grid.num_errors:  # an experiment with errored trials is not finished: --resume retries them
+                    done.add(experiment)
+                done_file.write_text(json.dumps(sorted(done)))
+        print(f"[compare] {len(rows)} trials in {time.time() - started:.0f}s; writing the report to {out}", flush=True)
+        write_report(out, metric=cfg.metric, mode=cfg.mode, reference=cfg.reference)
+    guards.check_succeeded(rows, cfg.metric, out / TRIALS_FILE)
     return pd.DataFrame(rows)
 
 
-def _write_meta(out: Path, cfg: CompareConfig, layout: BlockLayout) -> None:
+def _meta(cfg: CompareConfig, layout: BlockLayout, model: str, task: str | Mapping[str, Any]) -> dict[str, Any]:
+    """meta.json: what this comparison computes (a resume must match it) and the command that started it."""
     meta = {
-        "model": cfg.model, "task": cfg.task, "metric": cfg.metric, "mode": cfg.mode,
-        "strategies": list(cfg.strategies), "seeds": cfg.seeds, "trials": cfg.trials, "budget_s": cfg.budget_s,
+        "model": model, "task": task, "metric": cfg.metric, "mode": cfg.mode,
+        "strategies": list(cfg.strategies), "reference": cfg.reference,
+        "seeds": cfg.seeds, "trials": cfg.trials, "budget_s": cfg.budget_s,
         "num_blocks_total": layout.num_blocks, "target_modules": list(cfg.settings.get("target_modules")
                                                               or layout.target_modules),
         "layers_pattern": layout.pattern, "settings": dict(cfg.settings),
         "command": os.environ.get("FLEXORA_TUNE_COMMAND", ""),
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    return json.loads(json.dumps(meta, default=str))

@@ -197,6 +197,8 @@ def finetune(
         progress.loss_count += 1
         if evaluation_due(progress.step, steps_per_epoch, total_steps, config):
             val = session.evaluate("val", config)
+            check_loss(val["loss"], f"step {progress.step} (validation)", "the validation loss", LOSS_FIX,
+                       DIVERGED_LOSS)
             now = time.perf_counter()
             progress.compute_s += now - clock
             progress.flops += val_flops

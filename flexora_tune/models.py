@@ -1,4 +1,5 @@
-"""Loading a model and tokenizer by one name string; the embedded defaults; device and dtype choice."""
+"""Loading a model and tokenizer by one name string (through the per-process cache of `model_cache`); the
+embedded defaults; device and dtype choice."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+)
+
+from .model_cache import (  # noqa: F401  (cache controls re-exported: users reach them as flexora_tune.models.*)
+    CACHE_ENV,
+    MODEL_CACHE,
+    cached_model_bytes,
+    init_missing_weights,
+    model_cache_limit,
+    model_stamp,
+    normalise_device,
+    release_cached_models,
+    release_trial_memory,
 )
 
 Head = Literal["classification", "causal_lm"]
@@ -112,22 +125,39 @@ def _offline_hint(name: str, exc: Exception) -> ModelNotFoundError:
     )
 
 
-def load_config(name: str) -> PretrainedConfig:
-    """The model's config (cheap: no weights)."""
+def _load_error(name: str, exc: Exception) -> ModelNotFoundError:
+    """`_offline_hint`, or, when transformers refused a model's own code, what that means and the opt-in."""
+    if "trust_remote_code" in str(exc):
+        return ModelNotFoundError(
+            f"{name!r} ships its own Python code (auto_map in its config), which runs only with "
+            "trust_remote_code=True (CLI: --trust-remote-code); pass it only for code you have read and trust")
+    return _offline_hint(name, exc)
+
+
+#: A local model directory holds at least one of these when its tokenizer was saved with it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config (cheap: no weights). A model's own code runs only with `trust_remote_code`."""
     path = resolve_model_path(name)
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise _offline_hint(name, exc) from exc
+        raise _load_error(name, exc) from exc
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (the EOS token where the model defines none)."""
     path = resolve_model_path(name)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelNotFoundError(f"no tokenizer files in {path} (none of {', '.join(TOKENIZER_FILES)}): save the "
+                                 "tokenizer there too, with `tokenizer.save_pretrained(path)`")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise _offline_hint(name, exc) from exc
+        raise _load_error(name, exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
@@ -141,30 +171,64 @@ def load_model(
     num_labels: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a pretrained model with a classification head (`num_labels` classes) or its LM head."""
+    """Load a pretrained model with a classification head (`num_labels` classes) or its LM head. A model's
+    own Python code (its config's auto_map) runs only with `trust_remote_code`; nothing ever prompts.
+
+    The pristine model is cached in this process (see `model_cache_limit`), so a reused Ray worker loads
+    each model once; every call gets its own copy, with no module or state of an earlier caller. Weights
+    missing from the checkpoint (a new classification head) are drawn from the global torch RNG on every
+    call, cached or not, so the same `torch.manual_seed` gives the same weights and the same RNG state after.
+    The copy shares the frozen pretrained weights' storage with the cached model: callers must not write
+    them in place (LoRA training never does; `merge_and_unload` would).
+    """
+    if head == "classification":
+        if not num_labels or num_labels < 2:
+            raise ValueError(f"a classification head needs num_labels >= 2, got {num_labels}")
+    elif head == "causal_lm":
+        num_labels = None
+    else:
+        raise ValueError(f"head must be 'classification' or 'causal_lm', got {head!r}")
     path = resolve_model_path(name)
-    tokenizer = load_tokenizer(name)
+    device = normalise_device(device)
+    key = (path, model_stamp(path), head, num_labels, str(device), dtype, trust_remote_code)
+    model, tokenizer, fresh = MODEL_CACHE.checkout(
+        key, lambda: _load_pretrained(name, path, head, num_labels, device, dtype, trust_remote_code), name)
+    init_missing_weights(model, fresh)
+    return model, tokenizer
+
+
+def _load_pretrained(
+    name: str, path: str, head: Head, num_labels: int | None, device: torch.device, dtype: torch.dtype,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, tuple[str, ...]]:
+    """`from_pretrained` on `device`, the tokenizer, and the names of the tensors missing from the checkpoint.
+    The global RNG is left as it was: `init_missing_weights` draws the missing weights."""
+    tokenizer = load_tokenizer(name, trust_remote_code)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    rng = torch.get_rng_state()
     try:
         if head == "classification":
-            if not num_labels or num_labels < 2:
-                raise ValueError(f"a classification head needs num_labels >= 2, got {num_labels}")
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
-        elif head == "causal_lm":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=dtype, output_loading_info=True,
+                trust_remote_code=trust_remote_code)
         else:
-            raise ValueError(f"head must be 'classification' or 'causal_lm', got {head!r}")
-    except OSError as exc:
-        raise _offline_hint(name, exc) from exc
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                               trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from exc
     finally:
+        torch.set_rng_state(rng)
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device), tokenizer
+    present = set(model.state_dict())
+    fresh = tuple(sorted(k for k in info.get("missing_keys", ()) if k in present))
+    return model.to(device), tokenizer, fresh
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -187,23 +251,23 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     return torch.float32
 
 
-def meta_skeleton(name: str, head: Head | None = None) -> PreTrainedModel:
+def meta_skeleton(name: str, head: Head | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
     """The model's modules built from its config on the meta device: structure and sizes, no weights loaded
     or allocated. `head` ``causal_lm`` adds the LM head where the architecture has one."""
     from transformers import AutoModel
 
-    config = load_config(name)
+    config = load_config(name, trust_remote_code)
     with torch.device("meta"):
         if head == "causal_lm":
             try:
-                return AutoModelForCausalLM.from_config(config)
+                return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
             except ValueError:
                 pass
-        return AutoModel.from_config(config)
+        return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def load_model_layout(name: str):
+def load_model_layout(name: str, trust_remote_code: bool = False):
     """The model's `BlockLayout` (block path, count and LoRA targets), from its meta-device skeleton."""
     from .blocks import find_blocks
 
-    return find_blocks(meta_skeleton(name))
+    return find_blocks(meta_skeleton(name, trust_remote_code=trust_remote_code))

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
+import threading
+import warnings
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -164,11 +168,50 @@ def _read_file(path: Path) -> pd.DataFrame:
     try:
         if path.suffix.lower() == ".csv":
             return pd.read_csv(path)
-        return pd.read_json(path, lines=path.suffix.lower() == ".jsonl")
+        if path.suffix.lower() == ".jsonl":
+            return _read_jsonl(path)
+        return pd.read_json(path)
+    except TaskError:
+        raise
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise TaskError(
             f"cannot parse {path} ({exc}); expected a CSV with a header row or JSON Lines, one object a line"
         ) from exc
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """JSON Lines, one object a line (blank lines skipped); a bad line is named by its number."""
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TaskError(f"{path}: line {number} is not JSON ({exc.msg} at column {exc.colno}); expected "
+                                "one JSON object a line") from None
+            if not isinstance(row, dict):
+                raise TaskError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object; expected "
+                                "one JSON object a line, e.g. {\"text\": ..., \"label\": ...}")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _drop_missing(frame: pd.DataFrame, columns: Sequence[str], spec: TaskSpec) -> pd.DataFrame:
+    """`frame` without rows whose `columns` are missing (NaN, e.g. an empty CSV cell), with a warning that
+    counts them; a TaskError naming the column when no row is left."""
+    missing = frame[list(columns)].isna()
+    kept = frame[~missing.any(axis=1)]
+    if len(kept) == 0:
+        empty = [c for c in columns if missing[c].all()] or list(columns)
+        raise TaskError(f"{spec.name}: every row's {' and '.join(repr(c) for c in empty)} is missing; fill the "
+                        "column, or map another one (text_column/label_column, prompt_column/answer_column)")
+    if len(kept) < len(frame):
+        counts = ", ".join(f"{int(missing[c].sum())} without {c!r}" for c in columns if missing[c].any())
+        warnings.warn(f"{spec.name}: dropped {len(frame) - len(kept)} of {len(frame)} rows with a missing value "
+                      f"({counts})", UserWarning, stacklevel=4)
+    return kept
 
 
 def _read_hf(spec: TaskSpec) -> pd.DataFrame:
@@ -221,7 +264,7 @@ def _parse_choices(value: Any) -> tuple[str, ...]:
 def _examples(frame: pd.DataFrame, spec: TaskSpec, kind: TaskKind) -> tuple[list[Example], tuple[str, ...]]:
     if kind == "classification":
         _require_columns(frame, [spec.text_column, spec.label_column], spec)
-        frame = frame.dropna(subset=[spec.text_column, spec.label_column])
+        frame = _drop_missing(frame, [spec.text_column, spec.label_column], spec)
         labels = frame[spec.label_column]
         names = tuple(str(v) for v in sorted(labels.unique(), key=lambda v: (str(type(v)), v)))
         index = {name: i for i, name in enumerate(names)}
@@ -230,7 +273,7 @@ def _examples(frame: pd.DataFrame, spec: TaskSpec, kind: TaskKind) -> tuple[list
     if spec.source == "bbc-lm":
         frame = frame.rename(columns={"text": spec.prompt_column, "label": spec.answer_column})
     _require_columns(frame, [spec.prompt_column, spec.answer_column], spec)
-    frame = frame.dropna(subset=[spec.prompt_column, spec.answer_column])
+    frame = _drop_missing(frame, [spec.prompt_column, spec.answer_column], spec)
     answers = [str(a) for a in frame[spec.answer_column]]
     if spec.choices_column in frame.columns:
         choices = [_parse_choices(c) for c in frame[spec.choices_column]]
@@ -250,9 +293,54 @@ def _count(size: float, total: int) -> int:
     return int(size) if size >= 1 else max(1, round(size * total))
 
 
+_TASK_CACHE: OrderedDict[tuple, TaskData] = OrderedDict()
+_TASK_CACHE_SIZE = 4
+_TASK_CACHE_LOCK = threading.Lock()
+
+
 def load_task(task: str | Mapping[str, Any] | TaskSpec) -> TaskData:
-    """Read the dataset, deduplicate it, and split it into seeded, disjoint train/search_val/val/test."""
+    """Read the dataset, deduplicate it, and split it into seeded, disjoint train/search_val/val/test.
+
+    Loaded tasks are cached in this process (a reused Ray worker reads each once), keyed by the resolved spec
+    and, for a local file, its path, size and modification time. `TaskData` is immutable, so callers share it.
+    ``FLEXORA_MODEL_CACHE=0`` turns the cache off.
+    """
     spec = resolve_task(task)
+    if os.environ.get("FLEXORA_MODEL_CACHE", "1").strip().lower() in ("0", "off", "false", "no"):
+        return _read_task(spec)
+    key = (spec, *_source_stamp(spec))
+    with _TASK_CACHE_LOCK:
+        if key in _TASK_CACHE:
+            _TASK_CACHE.move_to_end(key)
+            return _TASK_CACHE[key]
+    data = _read_task(spec)
+    with _TASK_CACHE_LOCK:
+        _TASK_CACHE[key] = data
+        while len(_TASK_CACHE) > _TASK_CACHE_SIZE:
+            _TASK_CACHE.popitem(last=False)
+    return data
+
+
+def clear_task_cache() -> None:
+    """Forget the tasks `load_task` cached in this process."""
+    with _TASK_CACHE_LOCK:
+        _TASK_CACHE.clear()
+
+
+def _source_stamp(spec: TaskSpec) -> tuple:
+    """A local file's absolute path, size and mtime (a relative path depends on the working directory, which a
+    Ray trial changes); () for built-in and HF tasks."""
+    if not _is_local_file(spec.source):
+        return ()
+    path = Path(spec.source).expanduser().absolute()
+    try:
+        stat = path.stat()
+    except OSError:
+        return (str(path),)
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def _read_task(spec: TaskSpec) -> TaskData:
     frame = _read_frame(spec)
     if len(frame) == 0:
         raise TaskError(f"{spec.name}: the dataset has no rows")

@@ -64,6 +64,9 @@ class LoraSettings:
     """``float32``, ``bfloat16`` or ``float16``; None: bf16 on CUDA, float32 on CPU."""
     threads: int | None = None
     """torch intra-op threads; a Ray trial passes the CPUs it was given (oversubscription is slow)."""
+    trust_remote_code: bool = False
+    """Run the Python code a model directory or hub repository ships (its config's auto_map); only for code
+    you have read and trust. False: such a model fails to load, naming this setting; nothing ever prompts."""
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -125,7 +128,7 @@ def open_lora_session(
     torch.manual_seed(seed)
     hf_model, tokenizer = load_model(
         model, task.kind, num_labels=task.num_labels if task.kind == "classification" else None,
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code,
     )
     layout = find_blocks(hf_model)
     if blocks is None:

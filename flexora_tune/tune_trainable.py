@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from .blocks import BlockSelection, format_blocks
 from .finetune import FinetuneSettings, planned_steps, settings_from
+from .model_cache import release_trial_memory
 from .results import (
     FINETUNE_METRICS,
     FINETUNE_STEP,
@@ -118,7 +119,8 @@ def parse_config(config: Mapping[str, Any], num_blocks: int | None = None) -> Tr
     selection = None
     if stage == "finetune":
         needs_l = num_blocks is None and config.get(BLOCKS_KEY) is not None
-        total = num_blocks_of(config.get("model", "default")) if needs_l else num_blocks
+        total = (num_blocks_of(config.get("model", "default"), bool(config.get("trust_remote_code")))
+                 if needs_l else num_blocks)
         selection = selection_from_config(config, total)
     elif any(config.get(k) is not None for k in SUBSET_KEYS):
         raise ValueError("a search trial (stage 'search') chooses its own blocks: drop 'layers'/'blocks'")
@@ -218,10 +220,13 @@ def trainable(config: dict[str, Any]) -> None:
     identity = {"stage": trial.stage, "strategy": trial.label, "variant": trial.variant, "seed": trial.seed,
                 "device": str(settings["device"]), "threads": settings["threads"], "start_time": time.time(),
                 "node_id": ray.get_runtime_context().get_node_id()}
-    if trial.stage == "search":
-        _run_search(trial, settings, identity)
-    else:
-        _run_finetune(trial, settings, identity)
+    try:
+        if trial.stage == "search":
+            _run_search(trial, settings, identity)
+        else:
+            _run_finetune(trial, settings, identity)
+    finally:
+        release_trial_memory()
 
 
 def _run_finetune(trial: TrialConfig, settings: dict[str, Any], identity: dict[str, Any]) -> None:
@@ -237,7 +242,8 @@ def _run_finetune(trial: TrialConfig, settings: dict[str, Any], identity: dict[s
                  "num_blocks_total": num_total, "total_steps": total, "progress": metrics["step"] / total,
                  "final": metrics["step"] >= total}, save_state)
 
-    num_total = trial.selection.num_blocks_total if trial.selection else num_blocks_of(trial.model)
+    num_total = (trial.selection.num_blocks_total if trial.selection
+                 else num_blocks_of(trial.model, bool(settings.get("trust_remote_code"))))
     with _resume_dir() as resume_from:
         finetune(trial.model, data, trial.selection, trial.seed, on_eval=on_eval, resume_from=resume_from,
                  **settings)

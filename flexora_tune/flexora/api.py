@@ -129,7 +129,7 @@ class PipelineResult:
                 "compute_s": self.compute_s, "flops": self.flops}
 
 
-_CARRIED = ("r", "lora_alpha", "lora_dropout", "target_modules", "device", "dtype", "threads")
+_CARRIED = ("r", "lora_alpha", "lora_dropout", "target_modules", "device", "dtype", "threads", "trust_remote_code")
 
 
 def run_pipeline(

@@ -7,7 +7,8 @@ it into ``summary.csv`` / ``summary.md``, three PNG plots, ``best_selection.json
 ``best_lora_config/adapter_config.json``.
 
 One job per module: `trials` (the table, read, written and checked), `tables` (summaries and the winner),
-`paired` (each strategy against a reference, seed by seed, with `stats`' Student t intervals), `compute`
+`paired` (each strategy against a reference, seed by seed, with `stats`' Student t intervals), `floor_rows`
+(the comparison's floors as reference rows, the marks and the warning when no strategy beats them), `compute`
 (FLOPs in fine-tune equivalents), `formatting` (text and Markdown), `plots`, `export` (the winner's files)
 and `write` (all of it for a folder). File names and metric keys live in `flexora_tune.results`; they are
 re-exported here for callers that imported them from this module.
@@ -36,6 +37,7 @@ from ..results import (
 )
 from .compute import FLOPS_COLUMN, finetune_equivalents, finetune_units, has_flops
 from .export import DEFAULT_LAYERS_PATTERN, DEFAULT_TARGET_MODULES, export_best
+from .floor_rows import FLOOR_COLUMNS, floor_warning
 from .formatting import format_markdown, format_summary, summary_document
 from .paired import DEFAULT_REFERENCE, PAIRED_COLUMNS, paired_verdicts
 from .plots import (
@@ -68,6 +70,7 @@ __all__ = [
     "DEFAULT_METRIC",
     "DEFAULT_REFERENCE",
     "DEFAULT_TARGET_MODULES",
+    "FLOOR_COLUMNS",
     "FLOPS_COLUMN",
     "FT_COLUMNS",
     "GATES_HEATMAP_FILE",
@@ -89,6 +92,7 @@ __all__ = [
     "export_best",
     "finetune_equivalents",
     "finetune_units",
+    "floor_warning",
     "format_markdown",
     "format_summary",
     "gates_from_alpha",

@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 
 from ..blocks import BlockSelection
-from ..results import BEST_LORA_CONFIG_DIR, BEST_SELECTION_FILE, META_FILE
+from ..floors import Floors
+from ..results import BEATS_MAJORITY_CLASS, BEST_LORA_CONFIG_DIR, BEST_SELECTION_FILE, META_FILE, Mode, infer_mode
+from .floor_rows import beats
 from .trials import paired_test_metric
 
 #: Used for best_lora_config (with a warning) when meta.json does not name the model's LoRA targets.
@@ -33,9 +35,14 @@ def _json_value(value: Any) -> Any:
 
 
 def export_best(
-    selection: BlockSelection, row: pd.Series, out: Path, metric: str, meta: Mapping[str, Any]
+    selection: BlockSelection, row: pd.Series, out: Path, metric: str, meta: Mapping[str, Any],
+    floors: Floors | None = None, mode: Mode | None = None, warning: str | None = None,
 ) -> dict[str, Path]:
     """Write best_selection.json and best_lora_config/adapter_config.json for the winning trial `row`.
+
+    With `floors`, best_selection.json also holds the majority-class floor's values (``majority_class``) and
+    whether the winner's `metric` beats it (``beats_majority_class``, in `mode`'s direction); `warning` (no
+    strategy beats the floor) is kept as ``floor_warning``.
 
     LoRA targets and layers pattern come from `meta` (meta.json); without them the defaults are used and a
     warning says so. Returns the paths written, keyed ``"best_selection"`` / ``"best_lora_config"``.
@@ -51,6 +58,12 @@ def export_best(
         test_metric: _json_value(pd.to_numeric(row.get(test_metric, np.nan), errors="coerce")),
         "compute_s": _json_value(pd.to_numeric(row.get("compute_s"), errors="coerce")),
     }
+    majority = floors.majority if floors is not None else None
+    if majority is not None and majority.value(metric) is not None:
+        record["majority_class"] = {key: _json_value(value) for key, value in majority.values.items()}
+        record[BEATS_MAJORITY_CLASS] = beats(record[metric], majority.value(metric), mode or infer_mode(metric))
+    if warning:
+        record["floor_warning"] = warning
     selection_path = out / BEST_SELECTION_FILE
     selection_path.write_text(json.dumps(record, indent=2) + "\n")
     target_modules = meta.get("target_modules")

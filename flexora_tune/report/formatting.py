@@ -11,7 +11,8 @@ from typing import Any
 import pandas as pd
 
 from ..blocks import BlockSelection, compact_blocks, parse_blocks
-from ..results import BEST_LORA_CONFIG_DIR, BEST_SELECTION_FILE, DEFAULT_METRIC
+from ..results import BEATS_MAJORITY_CLASS, BEST_LORA_CONFIG_DIR, BEST_SELECTION_FILE, DEFAULT_METRIC
+from .floor_rows import below_marker, flag, floor_notes, floor_warning, is_floor
 from .paired import CONFIDENCE, MIN_PAIRS, REFERENCE_VERDICT, no_reference
 from .trials import paired_test_metric
 
@@ -35,6 +36,19 @@ def _paired(mean: Any, low: Any, high: Any, verdict: Any) -> str:
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] {verdict}"
 
 
+def _count(value: Any) -> str:
+    """A count cell as an integer (a CSV with floor rows reads counts back as floats)."""
+    return "-" if value is None or pd.isna(value) else str(int(value))
+
+
+def _blocks(value: Any) -> tuple[int, ...] | None:
+    """A ``blocks_of_best`` cell's blocks; a single block reads back from CSV as a number (1, or 1.0 beside an
+    empty cell)."""
+    if isinstance(value, int | float) and not pd.isna(value) and float(value).is_integer():
+        value = str(int(value))
+    return parse_blocks(value)
+
+
 def summary_reference(summary: pd.DataFrame) -> str | None:
     """The reference strategy of `summarize`'s paired columns, or None when the summary has none (an older
     ``summary.csv``)."""
@@ -47,7 +61,8 @@ def summary_reference(summary: pd.DataFrame) -> str | None:
 def reference_missing(summary: pd.DataFrame) -> bool:
     """Whether the summary's reference strategy was not run, so it holds no paired verdicts."""
     reference = summary_reference(summary)
-    return reference is not None and bool((summary["val_verdict"] == no_reference(reference)).all())
+    strategies = summary[~is_floor(summary)]
+    return reference is not None and bool((strategies["val_verdict"] == no_reference(reference)).all())
 
 
 def _has_ft(summary: pd.DataFrame) -> bool:
@@ -56,7 +71,9 @@ def _has_ft(summary: pd.DataFrame) -> bool:
 
 def _display_rows(summary: pd.DataFrame, metric: str) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells shared by the Markdown and terminal tables: the compute columns in
-    fine-tune equivalents when the summary has them, and the paired verdicts when its reference was run."""
+    fine-tune equivalents when the summary has them, and the paired verdicts when its reference was run.
+    Floor rows come last, named ``<floor> (floor)``, with only their values (``n/a`` where they have none); a
+    strategy that does not beat the majority-class floor has its value marked."""
     test_metric = paired_test_metric(metric)
     with_ft = _has_ft(summary)
     reference = None if reference_missing(summary) else summary_reference(summary)
@@ -69,18 +86,26 @@ def _display_rows(summary: pd.DataFrame, metric: str) -> tuple[list[str], list[l
     if reference is not None:
         header += [f"Δ {test_metric} vs {reference}", f"Δ {metric} vs {reference}"]
     rows = []
-    for r in summary.itertuples(index=False):
-        blocks = parse_blocks(r.blocks_of_best)
+    floors = is_floor(summary).to_numpy()
+    below = below_marker(metric)
+    for r, floor in zip(summary.itertuples(index=False), floors, strict=True):
+        if floor:
+            cells = [f"{r.strategy} (floor)", *("n/a" if pd.isna(v) else f"{v:.3f}"
+                                                 for v in (r.best_val_mean, r.test_of_best_mean))]
+            rows.append(cells + ["-"] * (len(header) - len(cells)))
+            continue
+        blocks = _blocks(r.blocks_of_best)
+        marked = flag(getattr(r, BEATS_MAJORITY_CLASS, None)) is False and not pd.isna(r.best_val_mean)
         cells = [
             str(r.strategy),
-            _pm(r.best_val_mean, r.best_val_std, 3),
+            _pm(r.best_val_mean, r.best_val_std, 3) + (f" {below}" if marked else ""),
             _pm(r.test_of_best_mean, r.test_of_best_std, 3),
             _pm(r.compute_to_best_mean, None, 1),
             _pm(r.total_compute_mean, None, 1),
             f"{compact_blocks(blocks)} ({len(blocks)})" if blocks else "-",
-            f"{r.n_seeds_ok}/{r.n_seeds}",
-            str(r.n_trials),
-            str(r.n_errors),
+            f"{_count(r.n_seeds_ok)}/{_count(r.n_seeds)}",
+            _count(r.n_trials),
+            _count(r.n_errors),
         ]
         if with_ft:
             cells += [_pm(r.compute_to_best_ft, None, 2), _pm(r.total_compute_ft, None, 2)]
@@ -96,7 +121,8 @@ def format_summary(summary: pd.DataFrame, metric: str = DEFAULT_METRIC) -> str:
 
     Pass the `metric` the summary was made with: it names the value columns. The paired columns read
     ``+0.012 [-0.004, +0.028] no difference``: the mean per-seed difference from the reference, its 95% interval
-    and the verdict.
+    and the verdict. Floor rows follow a second rule; the notes on the floors and, when no strategy beats the
+    majority-class floor, the warning (`floor_rows.floor_warning`) close the table.
     """
     header, rows = _display_rows(summary, metric)
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
@@ -106,10 +132,15 @@ def format_summary(summary: pd.DataFrame, metric: str = DEFAULT_METRIC) -> str:
         return "  ".join(padded).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    lines = [line(header), rule, *(line(r) for r in rows)]
+    first_floor = int((~is_floor(summary)).sum())
+    lines = [line(header), rule, *(line(r) for r in rows[:first_floor])]
+    if first_floor < len(rows):
+        lines += [rule, *(line(r) for r in rows[first_floor:])]
     if reference_missing(summary):
         lines.append(f"(no paired verdicts: the reference strategy {summary_reference(summary)!r} was not run)")
-    return "\n".join(lines)
+    lines += [note.replace("`", "") for note in floor_notes(summary, metric)]
+    warning = floor_warning(summary, metric)
+    return "\n".join([*lines, warning] if warning else lines)
 
 
 def format_markdown(summary: pd.DataFrame, metric: str = DEFAULT_METRIC) -> str:
@@ -150,7 +181,10 @@ def summary_document(
         "compute includes search trials.", "",
         format_markdown(summary, metric), "",
     ]
-    lines += [f"{note}\n" for note in (paired_note(summary, metric), *notes) if note]
+    warning = floor_warning(summary, metric)
+    lines += [f"{note}\n" for note in (paired_note(summary, metric), *floor_notes(summary, metric), *notes) if note]
+    if warning:
+        lines += [f"**{warning[0].upper()}{warning[1:]}**", ""]
     if best is not None:
         selection, row = best
         lines += [

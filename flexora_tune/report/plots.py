@@ -29,6 +29,7 @@ _EXTRA_COLORS = ("#ff7f0e", "#17becf", "#bcbd22", "#e377c2", "#393b79", "#637939
 #: The best-so-far plot's x labels: compute in fine-tune equivalents when the trials have FLOPs, else seconds.
 FT_AXIS_LABEL = "cumulative compute (fine-tune equivalents: FLOPs / one all-blocks fine-tune), search included"
 SECONDS_AXIS_LABEL = "cumulative compute (s), search trials included"
+_FLOOR_STYLES = ("--", ":", "-.")
 
 
 def strategy_colors(strategies: Iterable[str]) -> dict[str, str]:
@@ -97,7 +98,8 @@ def best_so_far_axis(trials: pd.DataFrame) -> tuple[pd.Series, str]:
 
 
 def plot_best_so_far(
-    trials: pd.DataFrame, path: str | Path, metric: str = DEFAULT_METRIC, mode: Mode | None = None
+    trials: pd.DataFrame, path: str | Path, metric: str = DEFAULT_METRIC, mode: Mode | None = None,
+    floors: Mapping[str, float] | None = None,
 ) -> Path:
     """Best-so-far `metric` against cumulative compute (search trials included), one line per strategy.
 
@@ -108,6 +110,9 @@ def plot_best_so_far(
     over seeds and the band the min-max over seeds, both drawn from the compute at which every seed with a
     result has one, ending in a dot with a min-max bar. Seeds without any successful trial are left out (the
     legend counts them).
+
+    `floors` (floor name -> its `metric` value, `floors.Floors.values`) are drawn as horizontal lines: what a
+    strategy must rise above before its curve means anything.
     """
     mode = mode or infer_mode(metric)
     df = prepare_trials(trials, metric)
@@ -132,6 +137,8 @@ def plot_best_so_far(
                 label=label)
         ax.fill_between(grid, low, high, step="post", color=color, alpha=0.18, lw=0)
         ax.vlines(grid[-1], low.iloc[-1], high.iloc[-1], color=color, lw=2.2)  # the final spread, even for 1 point
+    for (name, value), style in zip((floors or {}).items(), _FLOOR_STYLES * 4, strict=False):
+        ax.axhline(value, color="black", lw=1.2, linestyle=style, label=f"{name} floor ({value:.3f})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"best {metric} so far")
     ax.set_title(f"Best-so-far {metric} vs compute\n"

@@ -13,14 +13,16 @@ import numpy as np
 import pandas as pd
 
 from ..blocks import BlockSelection, format_blocks
+from ..floors import Floors
 from ..results import DEFAULT_METRIC, Mode, infer_mode
 from .compute import finetune_equivalents
+from .floor_rows import add_floors
 from .paired import DEFAULT_REFERENCE, PAIRED_COLUMNS, paired_verdicts
 from .trials import ERROR_STATUS, eligible, in_time_order, prepare_trials
 
 #: The compute columns in fine-tune equivalents (NaN when the trials have no ``flops``).
 FT_COLUMNS: tuple[str, ...] = ("compute_to_best_ft", "total_compute_ft")
-#: The columns of `summarize`'s result (and of ``summary.csv``), in order.
+#: The columns of `summarize`'s result (and of ``summary.csv``), in order; with floors, `FLOOR_COLUMNS` follow.
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "strategy", "best_val_mean", "best_val_std", "test_of_best_mean", "test_of_best_std", "compute_to_best_mean",
     "total_compute_mean", "n_seeds", "n_seeds_ok", "n_trials", "n_errors", "blocks_of_best", "num_blocks_of_best",
@@ -136,7 +138,8 @@ def _strategy_row(strategy: str, seeds: pd.DataFrame, mode: Mode) -> dict[str, A
 
 
 def summarize(
-    trials: pd.DataFrame, metric: str = DEFAULT_METRIC, mode: Mode | None = None, reference: str = DEFAULT_REFERENCE
+    trials: pd.DataFrame, metric: str = DEFAULT_METRIC, mode: Mode | None = None, reference: str = DEFAULT_REFERENCE,
+    floors: Floors | None = None,
 ) -> pd.DataFrame:
     """One row per strategy, best first: quality and cost of each seed's best trial, aggregated over seeds.
 
@@ -154,7 +157,11 @@ def summarize(
     - the paired comparison with `reference` over seeds (`paired_verdicts`): ``test_diff_*``/``val_diff_*``
       (mean, 95% interval), ``test_verdict``/``val_verdict``, ``n_pairs`` and ``reference``.
 
-    A strategy with no successful trial keeps its row, with NaNs, so failures stay visible.
+    A strategy with no successful trial keeps its row, with NaNs, so failures stay visible. With `floors`
+    (`floors.read_floors`), the `FLOOR_COLUMNS` follow: ``kind`` (``strategy``), ``beats_majority_class``
+    (whether ``best_val_mean`` is better than the majority-class floor's) and ``note``; and one reference row
+    per floor follows the strategies (``kind`` ``floor``, its validation and test values in
+    ``best_val_mean``/``test_of_best_mean``; see `floor_rows.add_floors`).
     """
     mode = mode or infer_mode(metric)
     per_seed = best_per_seed(trials, metric, mode)
@@ -167,7 +174,7 @@ def summarize(
     summary = summary.sort_values(
         ["best_val_mean", "strategy"], ascending=[mode == "min", True], na_position="last", kind="stable"
     )
-    return summary.reset_index(drop=True)
+    return add_floors(summary.reset_index(drop=True), floors, metric, mode)
 
 
 def best_selection(

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from ..blocks import BlockSelection
+from ..floors import read_floors
 from ..results import (
     BEST_SO_FAR_FILE,
     BLOCK_MAP_FILE,
@@ -25,6 +26,7 @@ from ..results import (
 )
 from .compute import UNIT_FROM_ALL, finetune_units, has_flops, units_note
 from .export import export_best
+from .floor_rows import floor_warning
 from .formatting import reference_missing, summary_document
 from .paired import DEFAULT_REFERENCE
 from .plots import plot_best_so_far, plot_block_map, plot_gate_heatmap
@@ -69,6 +71,10 @@ def write_report(
     seed by seed, in the summary's paired columns; a reference that was not run is said in the summary (and
     warned about), not an error. With a ``flops`` column the summary and the best-so-far plot also give compute
     in fine-tune equivalents.
+
+    With ``floors.json`` (written by `compare`: `floors.write_floors`), the summary ends with the floors as
+    reference rows, the best-so-far plot draws them, strategies that do not beat the majority-class floor are
+    marked, and best_selection.json records whether the winner beats it (and the warning when no strategy does).
     """
     out = Path(out_dir)
     trials = read_trials(out)
@@ -80,14 +86,16 @@ def write_report(
         mode = meta.get("mode") if meta.get("metric") == metric and meta.get("mode") else infer_mode(metric)
     check_metric_mode(metric, mode)
     reference = reference or meta.get("reference") or DEFAULT_REFERENCE
-    summary = summarize(trials, metric, mode, reference)
+    floors = read_floors(out)
+    summary = summarize(trials, metric, mode, reference, floors)
     if reference_missing(summary):
         warnings.warn(f"reference strategy {reference!r} is not in the trials table: no paired verdicts",
                       stacklevel=2)
     _check_units(trials)
     paths: dict[str, Path] = {"summary_csv": out / SUMMARY_CSV_FILE}
     summary.to_csv(paths["summary_csv"], index=False)
-    paths["best_so_far"] = plot_best_so_far(trials, out / BEST_SO_FAR_FILE, metric, mode)
+    paths["best_so_far"] = plot_best_so_far(trials, out / BEST_SO_FAR_FILE, metric, mode,
+                                            floors.values(metric) if floors is not None else None)
     if trajectories:
         heatmap = plot_gate_heatmap(trajectories, out / GATES_HEATMAP_FILE)
         if heatmap is not None:
@@ -99,7 +107,7 @@ def write_report(
         warnings.warn(f"{exc}; best_selection.json and best_lora_config not written", stacklevel=2)
         best = None
     if best is not None:
-        paths.update(export_best(*best, out, metric, meta))
+        paths.update(export_best(*best, out, metric, meta, floors, mode, floor_warning(summary, metric)))
     images = [p.name for key, p in paths.items() if p.suffix == ".png"]
     paths["summary_md"] = out / SUMMARY_MD_FILE
     paths["summary_md"].write_text(summary_document(

@@ -71,11 +71,11 @@ def selection_from_config(config: Mapping[str, Any], num_blocks: int | None) -> 
     return None
 
 
-def num_blocks_of(model: str) -> int:
+def num_blocks_of(model: str, trust_remote_code: bool = False) -> int:
     """The number of transformer blocks of `model`, read from its config (no weights loaded)."""
     from ..models import load_config
 
-    config = load_config(model)
+    config = load_config(model, trust_remote_code)
     for attr in _LAYER_COUNT_ATTRS:
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
