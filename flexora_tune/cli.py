@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="validation metric that ranks trials and picks the winner (default: %(default)s)")
     cmp.add_argument("--mode", choices=("max", "min"),
                      help="whether higher or lower --metric is better (default: max for accuracy, min for loss)")
-    cmp.add_argument("--reference", default="all",
-                     help="strategy every other one is compared with, seed by seed (default: %(default)s)")
+    cmp.add_argument("--reference",
+                     help="strategy every other one is compared with, seed by seed (default: all, when it runs)")
     cmp.add_argument("--out", default="results/compare", help="results folder (default: %(default)s)")
     ray_group = cmp.add_argument_group("Ray")
     ray_group.add_argument("--address", help="an existing Ray cluster (e.g. auto or ray://head:10001)")

@@ -65,8 +65,9 @@ class CompareConfig:
     """Validation metric that ranks trials and picks the winner: ``val_accuracy`` or ``val_loss``."""
     mode: str | None = None
     """``max`` or ``min``; None: inferred from `metric` (min for losses)."""
-    reference: str = "all"
-    """The strategy every other one is compared with, seed by seed, in the paired verdicts."""
+    reference: str | None = None
+    """The strategy every other one is compared with, seed by seed, in the paired verdicts; None: ``all``
+    when it runs (else no paired verdicts)."""
     settings: Mapping[str, Any] = field(default_factory=dict)
     """Trial settings shared by every strategy (fields of `FinetuneSettings`/`SearchSettings`, or the nested
     ``search``/``finetune`` dicts)."""
@@ -105,7 +106,9 @@ class CompareConfig:
         if self.mode is None and isinstance(self.metric, str):
             object.__setattr__(self, "mode", infer_mode(self.metric))
         check_metric_mode(self.metric, self.mode)
-        if self.reference not in self.strategies:
+        if self.reference is None and "all" in self.strategies:
+            object.__setattr__(self, "reference", "all")
+        if self.reference is not None and self.reference not in self.strategies:
             raise ValueError(f"reference {self.reference!r} is not among the strategies {list(self.strategies)}; "
                              "add it to the strategies or choose one of them as the reference")
         if self.metric not in (VAL_ACCURACY, VAL_LOSS):

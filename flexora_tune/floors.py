@@ -219,7 +219,7 @@ def write_floors(out: str | Path, model: str, task: str | Mapping[str, Any], set
     floors = compute_floors(model, task, settings, verbose=True, **loader)
     path.write_text(json.dumps(floors.to_dict(), indent=2) + "\n")
     if floors.kind == "causal_lm":
-        from .models import release_cached_models
+        from .model_cache import release_cached_models
 
         release_cached_models()
     print(f"[floors] {floors_line(floors)}", flush=True)

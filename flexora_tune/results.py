@@ -28,6 +28,9 @@ FLOPS = "flops"
 #: The time attribute to give Tune schedulers (ASHA, MedianStoppingRule, HyperBand): a fine-tune's optimizer step
 #: at each report, 0 in every search report, so a scheduler never places a search at a rung nor compares it.
 FINETUNE_STEP = "finetune_step"
+#: The config key (and, where the trainable echoes it, the result key) naming the arm of a comparison run as one
+#: Tune experiment (`search.ArmsSearcher`): ``"<strategy>_seed<seed>"``, e.g. ``"random_seed0"``.
+ARM = "arm"
 # A search trial's own losses (its search namespace): mean over the steps since its previous report.
 SEARCH_VAL_LOSS = "search_val_loss"
 SEARCH_TRAIN_LOSS = "search_train_loss"

@@ -33,7 +33,7 @@ def test_compare_writes_trials_summary_plots_and_the_export(compared):
     assert len(trials[trials.strategy == "random"]) == 2 and len(trials[trials.strategy == "all"]) == 1
     assert (trials.status == "TERMINATED").all()
     summary = pd.read_csv(compared / "summary.csv")
-    assert sorted(summary.strategy) == ["all", "flexora", "random"]
+    assert sorted(summary.strategy[summary.kind == "strategy"]) == ["all", "flexora", "random"]
     for png in ("best_so_far.png", "block_map.png", "gates_heatmap.png"):
         assert (compared / png).stat().st_size > 5_000
     best = json.loads((compared / "best_selection.json").read_text())
@@ -46,7 +46,7 @@ def test_compare_writes_trials_summary_plots_and_the_export(compared):
 def test_report_rebuilds_summary_and_plots_from_trials_csv_alone(compared, tmp_path, capsys):
     saved = tmp_path / "saved"
     saved.mkdir()
-    for name in ("trials.csv", "meta.json", "search_trajectories.json"):
+    for name in ("trials.csv", "meta.json", "search_trajectories.json", "floors.json"):
         (saved / name).write_bytes((compared / name).read_bytes())
     assert main(["report", str(saved)]) == 0
     assert pd.read_csv(saved / "summary.csv").equals(pd.read_csv(compared / "summary.csv"))

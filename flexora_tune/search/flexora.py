@@ -13,6 +13,7 @@ from ..blocks import parse_blocks, top_k_blocks
 from ..results import FINETUNE_STEP
 from .base import ENDED_STATUSES, LIVE_STATUSES, Identity, LayerSearcher, subset_of, tune_trials
 from .encoding import encode_layers, is_number
+from .neighbours import plan_subsets
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,12 @@ class FlexoraSearcher(LayerSearcher):
     top-(k-1) and top-(k+1) neighbours); pass it as ``num_samples``. `metric`/`mode` are only recorded (for
     Tune's result checks), since the selection comes from the searches themselves.
 
+    With `finetunes` = T (instead of `neighbours`), exactly T distinct subsets are fine-tuned per fine-tune seed
+    (a comparison's equal arms): the selections and consensus as above, then the nearest neighbours by mean
+    alpha (top-(k-1), top-(k+1), top-(k-2), ...; sizes outside 1..L skipped), then the next-best subsets by
+    alpha (`neighbours.alpha_neighbours`); fewer only when the model has fewer than T non-empty subsets.
+    `planned_trials` is then the searches plus T per fine-tune seed.
+
     A search contributes only its final report, whose checkpoint holds ``selection.json``: one that errors, is
     cut short by a scheduler (give schedulers ``time_attr=FINETUNE_STEP`` and they never are) or is ended by a
     restore contributes nothing. State is kept by search seed and (subset, seed), not by trial id, and the wait
@@ -77,6 +84,7 @@ class FlexoraSearcher(LayerSearcher):
         search_seeds: Sequence[int] | None = None,
         finetune_seeds: Sequence[int] = (0,),
         neighbours: int = 1,
+        finetunes: int | None = None,
         base_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(metric, mode, base_config=base_config)
@@ -87,9 +95,13 @@ class FlexoraSearcher(LayerSearcher):
             raise ValueError(f"finetune_seeds must be distinct and non-empty, got {list(finetune_seeds)}")
         if neighbours < 0:
             raise ValueError(f"neighbours must be >= 0, got {neighbours}")
+        if finetunes is not None and (isinstance(finetunes, bool) or not isinstance(finetunes, int) or finetunes < 1):
+            raise ValueError(f"finetunes must be a positive int (fine-tunes per seed) or None, got {finetunes!r}")
         self._search_seeds = [int(s) for s in seeds]
         self._finetune_seeds = [int(s) for s in finetune_seeds]
         self._neighbours = int(neighbours)
+        self._finetunes = finetunes
+        self._planned_from: tuple[int, ...] | None = None
         self._searches_suggested: set[int] = set()
         self._selections: dict[int, dict[str, Any] | None] = {}
         self._final_reports: dict[str, dict[str, Any]] = {}
@@ -99,6 +111,8 @@ class FlexoraSearcher(LayerSearcher):
     @property
     def planned_trials(self) -> int:
         n = len(self._search_seeds)
+        if self._finetunes is not None:
+            return n + self._finetunes * len(self._finetune_seeds)
         subsets = n + (1 if n > 1 else 0) + 2 * self._neighbours
         return n + subsets * len(self._finetune_seeds)
 
@@ -216,6 +230,11 @@ class FlexoraSearcher(LayerSearcher):
             self._plan = self._plan or []
             return 0
         total = found[0][1]["num_blocks_total"]
+        if self._finetunes is not None:
+            seeds = tuple(s for s, _ in found)
+            if self._plan is None or seeds != self._planned_from:
+                self._plan, self._planned_from = self._budget_plan(found, total), seeds
+            return total
         if self._plan is None:
             self._plan = self._first_plan([r for _, r in found], [s for s, _ in found], total)
             return total
@@ -226,6 +245,21 @@ class FlexoraSearcher(LayerSearcher):
         if len(found) > 1 and "consensus" not in variants:
             self._plan.append(("consensus", consensus([r["blocks"] for _, r in found])))
         return total
+
+    def _budget_plan(self, found: list[tuple[int, dict[str, Any]]], total: int) -> list[tuple[str, tuple[int, ...]]]:
+        """The T-fine-tune plan for the selections found so far. Entries already fine-tuned (for any seed) stay;
+        a selection that arrives later (a search re-run by a restore) takes the place of a neighbour not yet
+        fine-tuned, so the plan never exceeds T unless T were already run."""
+        base = [(f"search{s}", tuple(r["blocks"])) for s, r in found]
+        agreed = consensus([b for _, b in base])
+        if len(base) > 1:
+            base.append(("consensus", agreed))
+        alphas = [r["alpha"] for _, r in found if len(r["alpha"]) == total]
+        mean = [sum(a[i] for a in alphas) / len(alphas) for i in range(total)] if alphas else None
+        started = [(v, b) for v, b in self._plan or []
+                   if any((b, seed) in self._finetunes_suggested for seed in self._finetune_seeds)]
+        count = max(self._finetunes or 0, len(started))
+        return plan_subsets([*started, *base], agreed, mean, total, count)
 
     def _first_plan(self, found: list[dict[str, Any]], seeds: list[int], total: int
                     ) -> list[tuple[str, tuple[int, ...]]]:

@@ -18,6 +18,7 @@ class RandomLayerSearcher(LayerSearcher):
 
     Without `k` every non-empty subset is equally likely; with `k` every subset of exactly `k` blocks is.
     `num_blocks` (L) defaults to the block count in the config's model. Fine-tunes use seed `trial_seed`.
+    ``max_trials=T`` gives a comparison's equal arm: T distinct subsets (fewer only if the space has fewer).
     """
 
     strategy = "random"
@@ -46,6 +47,14 @@ class RandomLayerSearcher(LayerSearcher):
     @property
     def label(self) -> str:
         return f"random{self._k}" if self._k else self.strategy
+
+    @property
+    def planned_trials(self) -> int | None:
+        """The most trials this makes: `max_trials`, capped by the number of subsets once L is known."""
+        if self._num_blocks is None:
+            return self._max_trials
+        size = self._space_size(self._num_blocks)
+        return size if self._max_trials is None else min(size, self._max_trials)
 
     def _space_size(self, total: int) -> int:
         return math.comb(total, self._k) if self._k else 2**total - 1

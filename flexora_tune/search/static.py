@@ -20,6 +20,10 @@ class StaticLayerSearcher(LayerSearcher):
     `rule`: ``"all"`` (every block), ``"first"``/``"last"`` (the first/last `k` blocks) or ``"list"`` (the
     subset `blocks`, or several subsets as a list of lists). Results carry ``strategy`` ``all``,
     ``first<k>``, ``last<k>`` or ``list``.
+
+    A static rule is one fine-tune per seed by definition: it names one subset, and a second fine-tune of the
+    same subset with the same seed (same data order, same initialisation) would repeat the first. So in a
+    comparison with T fine-tunes per seed, a rule's arm is that single fine-tune; seeds are what repeat it.
     """
 
     def __init__(

@@ -1,57 +1,143 @@
-"""TPE over block subsets: a thin subclass of Ray's own `OptunaSearch`, one binary choice per block.
+"""TPE over block subsets, on Optuna's public ask/tell API: this searcher owns an `optuna.Study` (in memory,
+pickled with the searcher) and asks it for one subset per trial.
 
-It handles OptunaSearch's quirks: metric/mode taken the Tune way (never Ray's placeholder metric), NaN or
-missing metrics (told as FAIL instead of leaving the Optuna trial running forever or raising), early-stopped
-trials (told as PRUNED, not as complete with a partial value), a unique study name per searcher, empty subsets
-(rejected before they reach a trial), the block count read lazily from the config's model, an exact-k budget
-through a define-by-run space, and trials that a `Tuner.restore` ends or re-runs.
+Why not Ray's `OptunaSearch`: its private attributes (``_setup_study``, ``_ot_trials``, ``_completed_trials``)
+change between the Ray versions this package accepts, and its default sampler (`TPESampler` with
+``n_startup_trials=10``) makes every proposal of a small budget an independent random draw. Here the sampler is
+configured for small budgets: a few random start-up trials (`startup_trials`), multivariate TPE (block choices
+are modelled jointly) and a constant liar (trials in flight count as bad, so concurrent proposals spread out).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from itertools import combinations
 from typing import Any
 
-from optuna.distributions import CategoricalDistribution
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from ray.tune.experiment import Trial
-from ray.tune.result import DEFAULT_METRIC
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
 from ..blocks import parse_blocks, top_k_blocks
-from .base import ENDED_STATUSES, LIVE_STATUSES, check_mode, check_resolved, resolve_metric_mode, tune_trials
-from .encoding import LAYERS_KEY, encode_layers, is_number, layer_keys, num_blocks_of
+from .base import ENDED_STATUSES, LayerSearcher, tune_trials
+from .encoding import LAYERS_KEY, encode_layers, is_number, layer_keys
 
 logger = logging.getLogger(__name__)
-_MAX_EMPTY_DRAWS = 1000
+
+#: Start-up trials without a trial budget (Optuna's default is 10: random search for any small budget).
+DEFAULT_STARTUP_TRIALS = 4
+#: TPE draws that may repeat an already proposed subset before an unseen one is taken at random.
+MAX_REDRAWS = 20
+_ENUMERATE_UP_TO = 4096
+
+
+def startup_trials(max_trials: int | None) -> int:
+    """How many completed trials TPE waits for before it models the results: ``min(4, max(2, T // 3))`` for a
+    budget of T trials (2 up to T = 8, 3 for T = 9..11, 4 from T = 12), 4 without a budget. Two is the fewest
+    that TPE can split into a better and a worse group; a third of the budget at most keeps most proposals
+    modelled."""
+    if max_trials is None:
+        return DEFAULT_STARTUP_TRIALS
+    return min(DEFAULT_STARTUP_TRIALS, max(2, max_trials // 3))
 
 
 class ExactKSpace:
-    """Define-by-run space for exactly `k` of `num_blocks` blocks: TPE tunes a score per block and the
-    `k` highest scores are kept. A class (not a closure) so the searcher pickles."""
+    """Exactly `k` of `num_blocks` blocks: TPE tunes a score in [0, 1] per block and the `k` highest are kept."""
 
     def __init__(self, num_blocks: int, k: int) -> None:
         self.num_blocks, self.k = num_blocks, k
 
-    def __call__(self, trial: Any) -> dict[str, Any]:
-        scores = [trial.suggest_float(f"score_{key}", 0.0, 1.0) for key in layer_keys(self.num_blocks)]
-        return {LAYERS_KEY: encode_layers(top_k_blocks(scores, self.k), self.num_blocks)}
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {f"score_{key}": FloatDistribution(0.0, 1.0) for key in layer_keys(self.num_blocks)}
+
+    def subset(self, params: Mapping[str, Any]) -> tuple[int, ...]:
+        scores = [params[f"score_{key}"] for key in layer_keys(self.num_blocks)]
+        return top_k_blocks(scores, self.k)
+
+    def params(self, subset: Sequence[int]) -> dict[str, float]:
+        """A point of this space whose top-k is `subset` (chosen blocks 0.75, the others 0.25)."""
+        if len(set(subset)) != self.k:
+            raise ValueError(f"a point of the exact-{self.k} space needs {self.k} blocks, got {list(subset)}")
+        return {f"score_{key}": 0.75 if i in subset else 0.25 for i, key in enumerate(layer_keys(self.num_blocks))}
+
+    def size(self) -> int:
+        return math.comb(self.num_blocks, self.k)
 
 
-def binary_space(num_blocks: int) -> dict[str, CategoricalDistribution]:
-    """One 0/1 choice per block, flattened the way OptunaSearch names nested params (``layers/l00``)."""
-    return {f"{LAYERS_KEY}/{key}": CategoricalDistribution([0, 1]) for key in layer_keys(num_blocks)}
+class BinarySpace:
+    """Any subset: one 0/1 choice per block, named the way Ray's OptunaSearch flattened them (``layers/l00``)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks, self.k = num_blocks, None
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {f"{LAYERS_KEY}/{key}": CategoricalDistribution([0, 1]) for key in layer_keys(self.num_blocks)}
+
+    def subset(self, params: Mapping[str, Any]) -> tuple[int, ...]:
+        return tuple(i for i, key in enumerate(layer_keys(self.num_blocks)) if params[f"{LAYERS_KEY}/{key}"])
+
+    def params(self, subset: Sequence[int]) -> dict[str, int]:
+        return {f"{LAYERS_KEY}/{key}": int(value) for key, value in encode_layers(subset, self.num_blocks).items()}
+
+    def size(self) -> int:
+        return 2**self.num_blocks - 1
 
 
-class LayerOptunaSearch(OptunaSearch):
-    """`OptunaSearch` over block subsets in the shared ``layers`` encoding. Build it with `tpe_searcher`.
+def binary_space(num_blocks: int) -> dict[str, BaseDistribution]:
+    """One 0/1 choice per block, flattened (``layers/l00``): the any-subset space's Optuna distributions."""
+    return BinarySpace(num_blocks).distributions()
 
-    Metric and mode come from the constructor or else the TuneConfig (a conflict raises before any trial); the
-    Optuna study is made only once both are known, so Ray's placeholder metric never reaches it. It limits
-    ``max_concurrent_trials`` itself by the trials Tune still runs, tells Optuna FAIL for a trial a restore ended
-    without a completion, and tells a re-run (``restart_errored``/``resume_errored``) as a new evaluated point.
+
+def unseen_subset(rng: random.Random, num_blocks: int, k: int | None, seen: set[tuple[int, ...]]
+                  ) -> tuple[int, ...] | None:
+    """A uniformly drawn subset (exactly `k` blocks, or any non-empty one) not in `seen`; None when none is left."""
+    size = math.comb(num_blocks, k) if k else 2**num_blocks - 1
+    if len(seen) >= size:
+        return None
+    if size <= _ENUMERATE_UP_TO:
+        sizes = [k] if k else range(1, num_blocks + 1)
+        left = [s for n in sizes for s in combinations(range(num_blocks), n) if s not in seen]
+        return rng.choice(left)
+    while True:  # a large space with few seen: a draw is almost always new
+        if k:
+            subset = tuple(sorted(rng.sample(range(num_blocks), k)))
+        else:
+            subset = tuple(i for i in range(num_blocks) if rng.random() < 0.5)
+        if subset and subset not in seen:
+            return subset
+
+
+def _point_subset(point: Mapping[str, Any], num_blocks: int) -> tuple[int, ...]:
+    """The subset a `points_to_evaluate` entry names: flattened ``{"layers/l00": 1, ...}``, nested
+    ``{"layers": {...}}`` or ``{"blocks": [...]}``."""
+    if isinstance(point.get(LAYERS_KEY), Mapping):
+        flat = {f"{LAYERS_KEY}/{key}": value for key, value in point[LAYERS_KEY].items()}
+    else:
+        flat = dict(point)
+    if "blocks" in flat:
+        return parse_blocks(flat["blocks"]) or ()
+    return tuple(i for i, key in enumerate(layer_keys(num_blocks)) if flat.get(f"{LAYERS_KEY}/{key}"))
+
+
+class LayerOptunaSearch(LayerSearcher):
+    """TPE over block subsets through an Optuna study this searcher owns (ask/tell). Build it with `tpe_searcher`.
+
+    The space is exactly `k` blocks (a score per block, the top `k` kept) or, without `k`, any non-empty subset
+    (a 0/1 choice per block). A proposal repeats an earlier one only once every subset has been proposed: TPE is
+    asked again (up to `MAX_REDRAWS` times), then an unseen subset is drawn at random; the discarded draws are
+    told FAIL, so TPE learns nothing from them. After `max_trials` proposals it returns `FINISHED`.
+
+    What Optuna is told: a fine-tune's metric (COMPLETE); a trial stopped early by a scheduler (``final`` False)
+    as PRUNED; an errored one, a NaN or missing metric, or a trial that a `Tuner.restore` ended without a
+    completion as FAIL (never left RUNNING); a re-run under a new or repeated id (``restart_errored`` /
+    ``resume_errored``) as a new evaluated point of its subset. Metric and mode come from the constructor or the
+    TuneConfig (as for every `LayerSearcher`); the study is made at the first proposal, once both are known.
     """
 
     strategy = "tpe"
@@ -63,42 +149,57 @@ class LayerOptunaSearch(OptunaSearch):
         *,
         num_blocks: int | None = None,
         k: int | None = None,
+        seed: int | None = None,
         trial_seed: int = 0,
+        max_trials: int | None = None,
+        n_startup_trials: int | None = None,
+        study_name: str | None = None,
+        sampler: optuna.samplers.BaseSampler | None = None,
+        points_to_evaluate: Sequence[Mapping[str, Any]] | None = None,
         base_config: Mapping[str, Any] | None = None,
-        **optuna_kwargs: Any,
     ) -> None:
-        check_mode(mode)
+        super().__init__(metric, mode, num_blocks=num_blocks, base_config=base_config)
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"k must be a positive int or None, got {k!r}")
-        optuna_kwargs["study_name"] = optuna_kwargs.get("study_name") or f"flexora-tpe-{uuid.uuid4().hex}"
-        super().__init__(space=None, metric=metric, mode=mode, **optuna_kwargs)
-        self._num_blocks, self._k, self._trial_seed = num_blocks, k, int(trial_seed)
-        self._base_config = dict(base_config or {})
-        self._tune_config: dict[str, Any] = {}
-        self._max_concurrent: int | None = None
+        for name, value, least in (("max_trials", max_trials, 1), ("n_startup_trials", n_startup_trials, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ValueError(f"{name} must be an int >= {least} or None, got {value!r}")
+        self._k, self._seed, self._trial_seed, self._max_trials = k, seed, int(trial_seed), max_trials
+        self._n_startup = startup_trials(max_trials) if n_startup_trials is None else n_startup_trials
+        self._study_name = study_name or f"flexora-tpe-{uuid.uuid4().hex}"
+        self._user_sampler = sampler
+        self._points = [dict(p) for p in points_to_evaluate or []]
+        self._rng = random.Random(seed)
+        self._ot_study: optuna.Study | None = None
+        self._space: ExactKSpace | BinarySpace | None = None
+        self._numbers: dict[str, int] = {}
+        self._subsets: dict[str, tuple[int, ...]] = {}
+        self._told: set[str] = set()
         self._reruns_told: set[str] = set()
-        if num_blocks is not None and metric and mode:
-            self._build(num_blocks)
 
-    def _build(self, num_blocks: int) -> None:
-        if not self._metric or self._metric == DEFAULT_METRIC or not self._mode:
-            raise RuntimeError(f"tpe_searcher has no metric/mode yet (metric={self._metric!r}, mode={self._mode!r})")
-        if self._k is not None and self._k > num_blocks:
-            raise ValueError(f"k={self._k} exceeds the model's {num_blocks} blocks")
-        self._num_blocks = num_blocks
-        self._space = ExactKSpace(num_blocks, self._k) if self._k else binary_space(num_blocks)
-        self._setup_study(self._mode)
+    @property
+    def label(self) -> str:
+        return f"tpe{self._k}" if self._k else self.strategy
 
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
-        check_resolved(config, "tpe_searcher")
-        self._metric, self._mode = resolve_metric_mode("tpe_searcher", self._metric, self._mode, metric, mode)
-        self._tune_config = dict(config)
-        return True
+    @property
+    def planned_trials(self) -> int | None:
+        """`max_trials` (None: until Tune's ``num_samples``)."""
+        return self._max_trials
 
-    def set_max_concurrency(self, max_concurrent: int) -> bool:
-        """Take Tune's ``max_concurrent_trials`` here (see `LayerSearcher.set_max_concurrency`)."""
-        self._max_concurrent = int(max_concurrent) if max_concurrent else None
-        return True
+    @property
+    def n_startup_trials(self) -> int:
+        """Completed trials before TPE models the results; proposals before that are random draws."""
+        return self._n_startup
+
+    @property
+    def sampler(self) -> optuna.samplers.BaseSampler | None:
+        """The study's sampler (None until the study is made at the first proposal)."""
+        return self._ot_study.sampler if self._ot_study is not None else None
+
+    @property
+    def study(self) -> optuna.Study | None:
+        """The Optuna study (None until the first proposal)."""
+        return self._ot_study
 
     def _ensure_study(self) -> None:
         if self._ot_study is not None:
@@ -109,58 +210,65 @@ class LayerOptunaSearch(OptunaSearch):
                 "them to tpe_searcher(metric=..., mode=...) or to tune.TuneConfig(metric=..., mode=...) (the "
                 "TuneConfig's reach the searcher only when param_space is non-empty)"
             )
-        model = {**self._base_config, **self._tune_config}.get("model", "default")
-        self._build(self._num_blocks or num_blocks_of(model))
+        total = self.num_blocks
+        if self._k is not None and self._k > total:
+            raise ValueError(f"k={self._k} exceeds the model's {total} blocks")
+        self._space = ExactKSpace(total, self._k) if self._k else BinarySpace(total)
+        sampler = self._user_sampler or optuna.samplers.TPESampler(
+            n_startup_trials=self._n_startup, multivariate=True, constant_liar=self._max_concurrent != 1,
+            seed=self._seed)
+        study = optuna.create_study(study_name=self._study_name, sampler=sampler,
+                                    direction="maximize" if self._mode == "max" else "minimize")
+        for point in self._points:
+            study.enqueue_trial(self._space.params(_point_subset(point, total)))
+        self._ot_study = study
 
-    def _suggest_from_define_by_run_func(self, func, ot_trial) -> dict:
-        return dict(func(ot_trial))  # the scores stay in the Optuna trial; the trial config gets only layers
-
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         self._ensure_study()
         trials = tune_trials()
         if trials is not None:
             self._settle_ended(trials)
-        if self._max_concurrent is not None and self._live_count(trials) >= self._max_concurrent:
+        if self._max_trials is not None and len(self._numbers) >= self._max_trials:
+            return Searcher.FINISHED
+        if self.at_capacity(trials):
             return None
-        for _ in range(_MAX_EMPTY_DRAWS):
-            params = super().suggest(trial_id)
-            layers = params.get(LAYERS_KEY, {})
-            if any(layers.values()):
-                return {**self._base_config, "stage": "finetune", "strategy": self._label,
-                        "seed": self._trial_seed, **params}
-            self._ot_study.tell(self._ot_trials.pop(trial_id), None, state=TrialState.FAIL)
-        raise RuntimeError(f"TPE proposed only empty subsets in {_MAX_EMPTY_DRAWS} draws")
+        number, subset = self._propose()
+        self._numbers[trial_id], self._subsets[trial_id] = number, subset
+        config = {"stage": "finetune", "strategy": self.label, "seed": self._trial_seed,
+                  LAYERS_KEY: encode_layers(subset, self.num_blocks)}
+        return self._suggestion(trial_id, config)
 
-    def _owns(self, trial: Trial) -> bool:
-        return trial.trial_id in self._ot_trials or (trial.config or {}).get("strategy") == self._label
-
-    def _live_count(self, trials: list[Trial] | None) -> int:
-        if trials is None:
-            return len(set(self._ot_trials) - self._completed_trials)
-        return sum(1 for t in trials if t.status in LIVE_STATUSES and self._owns(t))
+    def _propose(self) -> tuple[int, tuple[int, ...]]:
+        """Ask the study for a subset not proposed before (see the class docstring); (trial number, subset)."""
+        assert self._ot_study is not None and self._space is not None
+        study, space = self._ot_study, self._space
+        seen = set(self._subsets.values())
+        exhausted = len(seen) >= space.size()
+        for _ in range(MAX_REDRAWS):
+            trial = study.ask(space.distributions())
+            subset = space.subset(trial.params)
+            if subset and (exhausted or subset not in seen):
+                return trial.number, subset
+            study.tell(trial, None, state=TrialState.FAIL)
+        fresh = unseen_subset(self._rng, space.num_blocks, space.k, seen)
+        if fresh is None:  # unreachable while TPE can draw a non-empty subset; a repeat beats failing the sweep
+            fresh = next(iter(seen))
+        study.enqueue_trial(space.params(fresh))
+        return study.ask(space.distributions()).number, fresh
 
     def _settle_ended(self, trials: list[Trial]) -> None:
-        """Tell Optuna about trials Tune ended without a completion (a restore with ``resume_unfinished=False``),
-        so none stays RUNNING in the study."""
+        """Tell FAIL for trials Tune ended without a completion (a restore with ``resume_unfinished=False``), so
+        none stays RUNNING in the study (a running trial is a constant-liar lie for ever)."""
         for trial in trials:
-            if (trial.status in ENDED_STATUSES and trial.trial_id in self._ot_trials
-                    and trial.trial_id not in self._completed_trials):
-                self.on_trial_complete(trial.trial_id, result=trial.last_result, error=trial.status == Trial.ERROR)
-
-    @property
-    def _label(self) -> str:
-        return f"tpe{self._k}" if self._k else self.strategy
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        known = trial_id in self._ot_trials and trial_id not in self._completed_trials
-        if known and "training_iteration" in result and is_number(result.get(self._metric)):
-            super().on_trial_result(trial_id, result)
+            if trial.status in ENDED_STATUSES and trial.trial_id in self._numbers and trial.trial_id not in self._told:
+                self.on_trial_complete(trial.trial_id, result=None, error=True)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self._ot_trials or trial_id in self._completed_trials:
+        repeated = trial_id in self._told
+        super().on_trial_complete(trial_id, result, error)
+        if trial_id not in self._numbers or repeated:
             self._tell_rerun(trial_id, result, error)
             return
-        ot_trial = self._ot_trials[trial_id]
         value = (result or {}).get(self._metric)
         if error or not is_number(value):
             state, value = TrialState.FAIL, None
@@ -169,24 +277,24 @@ class LayerOptunaSearch(OptunaSearch):
         else:
             state = TrialState.COMPLETE
         try:
-            self._ot_study.tell(ot_trial, value, state=state)
+            self._ot_study.tell(self._numbers[trial_id], value, state=state)
         except Exception as exc:  # Optuna refuses e.g. a second tell; the sweep must go on
             logger.warning("could not tell Optuna about trial %s: %s", trial_id, exc)
-        self._completed_trials.add(trial_id)
+        self._told.add(trial_id)
 
     def _tell_rerun(self, trial_id: str, result: Mapping[str, Any] | None, error: bool) -> None:
-        """A finished run of a subset this study did not ask for under that id (a trial re-run by a restore):
-        add it as an evaluated point, by its subset. Only the binary space can name its params from a subset."""
-        if error or not result or result.get("strategy") != self._label or result.get("final") is not True:
+        """A finished run of a subset this study did not ask for under that id (a trial re-run by a restore): add
+        it as an evaluated point of its subset, once per trial id."""
+        if error or not result or result.get("strategy") != self.label or result.get("final") is not True:
             return
         value, blocks = result.get(self._metric), parse_blocks(result.get("blocks"))
-        total = result.get("num_blocks_total")
-        if (self._ot_study is None or callable(self._space) or not is_number(value) or not blocks
-                or total != self._num_blocks or trial_id in self._reruns_told):
+        if (self._ot_study is None or self._space is None or not is_number(value) or not blocks
+                or result.get("num_blocks_total") != self._space.num_blocks or trial_id in self._reruns_told
+                or (self._k and len(blocks) != self._k)):
             return
-        params = {f"{LAYERS_KEY}/{key}": v for key, v in encode_layers(blocks, total).items()}
-        self._ot_study.add_trial(create_trial(state=TrialState.COMPLETE, value=float(value), params=params,
-                                              distributions=self._space))
+        self._ot_study.add_trial(create_trial(state=TrialState.COMPLETE, value=float(value),
+                                              params=self._space.params(blocks),
+                                              distributions=self._space.distributions()))
         self._reruns_told.add(trial_id)
 
 
@@ -198,20 +306,26 @@ def tpe_searcher(
     k: int | None = None,
     seed: int | None = None,
     trial_seed: int = 0,
+    max_trials: int | None = None,
+    n_startup_trials: int | None = None,
     study_name: str | None = None,
     sampler: Any = None,
     points_to_evaluate: list[dict] | None = None,
     base_config: Mapping[str, Any] | None = None,
 ) -> LayerOptunaSearch:
-    """Ray's `OptunaSearch` (TPE by default, seeded by `seed`) over block subsets.
+    """TPE over block subsets (Optuna's `TPESampler` configured for small budgets, seeded by `seed`).
 
-    Any subset (one 0/1 choice per block) or, with `k`, exactly `k` blocks (define-by-run: a score per
-    block, the top `k` kept). `num_blocks` (L) defaults to the block count of the config's model.
-    `points_to_evaluate` take flattened keys (``{"layers/l00": 1, ...}``; binary space only).
-    Fine-tunes use seed `trial_seed`. `metric`/`mode` may be left to the TuneConfig; if both give one, they
-    must agree.
+    Exactly `k` blocks (a score per block, the top `k` kept), like ``RandomLayerSearcher(k=...)``; without `k`,
+    any non-empty subset (one 0/1 choice per block). `num_blocks` (L) defaults to the block count of the
+    config's model. `max_trials` proposals at most, each a subset not proposed before (while any is left); the
+    first `n_startup_trials` completed trials (default `startup_trials(max_trials)`) are random draws, every
+    later proposal is TPE's. `sampler` replaces the TPE sampler (e.g. ``optuna.samplers.RandomSampler``).
+    `points_to_evaluate` are proposed first (``{"layers/l00": 1, ...}``, ``{"layers": {...}}`` or
+    ``{"blocks": [...]}``). Fine-tunes use seed `trial_seed`. `metric`/`mode` may be left to the TuneConfig;
+    if both give one, they must agree.
     """
     return LayerOptunaSearch(
-        metric, mode, num_blocks=num_blocks, k=k, trial_seed=trial_seed, base_config=base_config, seed=seed,
-        study_name=study_name, sampler=sampler, points_to_evaluate=points_to_evaluate,
+        metric, mode, num_blocks=num_blocks, k=k, seed=seed, trial_seed=trial_seed, max_trials=max_trials,
+        n_startup_trials=n_startup_trials, study_name=study_name, sampler=sampler,
+        points_to_evaluate=points_to_evaluate, base_config=base_config,
     )
