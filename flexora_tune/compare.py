@@ -23,6 +23,7 @@ from .files import check_output_dir
 from .floors import write_floors
 from .models import load_model_layout
 from .results import (
+    ALPHA_SEPARATION,
     EXPERIMENTS_FILE,
     FINETUNE_METRICS,
     FLOPS,
@@ -200,6 +201,7 @@ def _trial_rows(grid, strategy: str, seed: int, metric: str) -> tuple[list[dict[
             "variant": m.get("variant") or config.get("variant", ""), "blocks": m.get("blocks", ""),
             "num_blocks": m.get("num_blocks"), "num_blocks_total": m.get("num_blocks_total"),
             "trainable_params": m.get("trainable_params"), FLOPS: m.get(FLOPS),
+            ALPHA_SEPARATION: m.get(ALPHA_SEPARATION),
             **{key: m.get(key) if stage != "search" else None for key in dict.fromkeys((*FINETUNE_METRICS, metric))},
             **{key: m.get(key) for key in SEARCH_METRICS},
             "compute_s": m.get("compute_s", 0.0), "node": m.get("node_ip", ""),

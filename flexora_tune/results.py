@@ -31,10 +31,20 @@ FINETUNE_STEP = "finetune_step"
 #: The config key (and, where the trainable echoes it, the result key) naming the arm of a comparison run as one
 #: Tune experiment (`search.ArmsSearcher`): ``"<strategy>_seed<seed>"``, e.g. ``"random_seed0"``.
 ARM = "arm"
+#: The stage of a probe trial (`probes.py`), and the config and result key naming its probe (``"lora-norm"`` or
+#: ``"grad-norm"``).
+PROBE_STAGE = "probe"
+PROBE_KEY = "probe"
+#: A probe trial's final report: its score per block, and its ranking of the blocks (best first).
+PROBE_SCORES = "probe_scores"
+PROBE_RANKING = "probe_ranking"
 # A search trial's own losses (its search namespace): mean over the steps since its previous report.
 SEARCH_VAL_LOSS = "search_val_loss"
 SEARCH_TRAIN_LOSS = "search_train_loss"
 SEARCH_METRICS: tuple[str, ...] = (SEARCH_VAL_LOSS, SEARCH_TRAIN_LOSS)
+#: How far a search's alpha has separated (`stability.alpha_separation`; about 1 is noise): a search report's key
+#: and, where a trials table has it, a column of its search rows.
+ALPHA_SEPARATION = "alpha_separation"
 DEFAULT_METRIC = VAL_ACCURACY
 #: Lower is better for a metric whose name contains one of these words.
 MIN_WORDS: tuple[str, ...] = ("loss", "error", "perplexity", "ppl")
@@ -48,6 +58,8 @@ BEATS_MAJORITY_CLASS = "beats_majority_class"
 
 # Files inside a trial's checkpoint.
 SELECTION_FILE = "selection.json"
+#: A finished probe trial's `ProbeResult` (scores, ranking, kept blocks, cost).
+PROBE_FILE = "probe.json"
 
 # Files of a comparison's results folder.
 TRIALS_FILE = "trials.csv"
@@ -64,6 +76,8 @@ BEST_SELECTION_FILE = "best_selection.json"
 BEST_LORA_CONFIG_DIR = "best_lora_config"
 #: The floors `compare` computes before any trial (majority-class and no-fine-tune, per split).
 FLOORS_FILE = "floors.json"
+#: How much the Flexora searches of the comparison's seeds agree, against random subsets (`report.agreement`).
+SEARCH_AGREEMENT_FILE = "search_agreement.json"
 
 
 def infer_mode(metric: str) -> Mode:

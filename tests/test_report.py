@@ -340,3 +340,57 @@ def test_every_header_names_the_metric_it_was_chosen_by(tmp_path):
     write_trials(trials, results_dir(tmp_path))
     md = write_report(tmp_path, metric="val_loss")["summary_md"].read_text()
     assert "| best val_loss |" in md and "chosen by `val_loss`" in md and "val_accuracy" not in md
+
+
+# ---------------------------------------------------------------------------------------------- search agreement
+
+
+def test_the_report_says_whether_the_searches_of_different_seeds_agree(tmp_path, capsys):
+    from flexora_tune.results import SEARCH_AGREEMENT_FILE
+    from flexora_tune.stability import expected_jaccard
+
+    paths = write_report(results_dir(tmp_path))
+    data = json.loads((tmp_path / SEARCH_AGREEMENT_FILE).read_text())
+    flexora = data["flexora"]  # the errored f1-search is left out; f1-search2 is seed 1's search
+    assert set(data) == {"flexora"} and flexora["n_searches"] == 2 and flexora["seeds"] == [0, 1]
+    assert flexora["trial_ids"] == ["f0-search", "f1-search2"] and flexora["blocks"] == [[0, 2, 4], [3, 5]]
+    selections = flexora["selections"]
+    assert selections["observed"] == 0.0 and selections["expected"] == pytest.approx(expected_jaccard(3, 2, L))
+    assert selections["p_value"] == 1.0 and selections["verdict"] == "no more agreement than random subsets (p=1)"
+    assert flexora["k"] == 3 and flexora["top_k"]["observed"] == 1.0  # both alphas rank blocks 3, 4, 5 first
+    assert flexora["top_k"]["p_value"] == pytest.approx(1 / 20, abs=0.01) and flexora["separations"] == []
+    line = flexora["line"]
+    assert line.startswith("flexora searches (2 seeds): Jaccard 0.000 vs 0.") and "p=1: no more agreement" in line
+    assert f"[report] {line}" in capsys.readouterr().out
+    md = paths["summary_md"].read_text()
+    assert line in md and "Search agreement across seeds" in md
+
+
+def _search_row(trial_id: str, seed: int, blocks: list[int], start: float, status: str = "TERMINATED",
+                separation: float = 4.2) -> dict:
+    return {"trial_id": trial_id, "strategy": "flexora", "seed": seed, "stage": "search", "blocks": json.dumps(blocks),
+            "num_blocks": len(blocks), "num_blocks_total": L, "compute_s": 1.0, "start_time": start, "status": status,
+            "alpha": json.dumps([1.0 if b in blocks else -1.0 for b in range(L)]), "alpha_separation": separation}
+
+
+def test_agreeing_searches_are_called_so_and_a_single_search_writes_no_agreement(tmp_path, capsys):
+    from flexora_tune.results import SEARCH_AGREEMENT_FILE
+
+    trials = make_trials()
+    trials = trials[trials["stage"] != "search"]
+    extra = [_search_row(f"s{seed}", seed, [1, 4], 0.0) for seed in range(4)]
+    extra += [_search_row("s0-late", 0, [1, 4], 1.0, separation=5.0),  # seed 0's later search replaces s0
+              _search_row("s1-cut", 1, [0, 2, 3, 5], 2.0, status="EARLY_STOPPED")]  # never a finished selection
+    write_trials(pd.concat([trials, pd.DataFrame(extra)], ignore_index=True), tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps(META))
+    md = write_report(tmp_path)["summary_md"].read_text()
+    flexora = json.loads((tmp_path / SEARCH_AGREEMENT_FILE).read_text())["flexora"]
+    assert flexora["trial_ids"] == ["s0-late", "s1", "s2", "s3"] and flexora["separations"] == [5.0, 4.2, 4.2, 4.2]
+    assert flexora["selections"]["verdict"] == "agree beyond chance (p<0.001)" and flexora["k"] == 2
+    assert "p<0.001: agree beyond chance" in md and "median separation 4.2 (4/4 searches separated)" in md
+    assert "agree beyond chance" in capsys.readouterr().out
+
+    write_trials(pd.concat([trials, pd.DataFrame(extra[:1])], ignore_index=True), tmp_path)
+    md = write_report(tmp_path)["summary_md"].read_text()
+    assert not (tmp_path / SEARCH_AGREEMENT_FILE).exists() and "Search agreement" not in md
+    assert "[report]" not in capsys.readouterr().out

@@ -16,6 +16,7 @@ from torch import nn
 from ..blocks import BlockLayout
 from ..flops import FlopModel, batch_tokens
 from ..gates import BlockGates
+from ..stability import alpha_separation
 from ..training import DIVERGED_LOSS, build_optimizer, check_loss, load_checkpoint, save_checkpoint
 from .result import SelectionResult
 from .selection import select_blocks, settled_correlation
@@ -292,7 +293,13 @@ class BilevelLoop:
             "val_examples_seen": p.val_examples_seen, "num_blocks": len(blocks), "blocks": list(blocks),
             "num_blocks_total": self.layout.num_blocks, "alpha": self.gates.alpha.tolist(),
             "gates": self.gates.values().tolist(), "threshold": threshold, "stable_steps": p.stable_steps,
+            "alpha_separation": self.separation(),
         }
+
+    def separation(self) -> float | None:
+        """`stability.alpha_separation` of the current alpha after the steps done (None before the first)."""
+        steps = self.progress.step
+        return alpha_separation(self.gates.alpha.tolist(), steps, self.settings.alpha_lr) if steps else None
 
     def run(self, on_step: OnStep | None = None, resume_from: str | Path | None = None,
             verbose: bool = False) -> SelectionResult:
@@ -346,5 +353,5 @@ class BilevelLoop:
             stop_reason=p.stop_reason or f"completed {p.step} steps", planned_steps=self.total_steps,
             trajectory_steps=list(p.trajectory_steps), alpha_trajectory=[list(a) for a in p.alpha_trajectory],
             val_loss_curve=list(p.val_loss_curve), train_loss_curve=list(p.train_loss_curve),
-            settings=asdict(s),
+            settings=asdict(s), alpha_separation=self.separation(),
         )

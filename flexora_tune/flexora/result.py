@@ -8,6 +8,7 @@ from typing import Any
 
 from ..blocks import BlockSelection
 from ..results import best_search_selection, trial_outcomes
+from ..stability import alpha_separation as measure_separation
 
 
 @dataclass
@@ -15,7 +16,9 @@ class SelectionResult:
     """What a search found and what it cost: the kept blocks, the final alpha and gates, their history,
     the rule and threshold used, and enough of the model's layout to export a peft `LoraConfig`. It ran
     `steps` of `planned_steps` steps; `stop_reason` says why it ended there. `flops` is the search's
-    compute (`flops.py`; 0 in results written before it was counted)."""
+    compute (`flops.py`; 0 in results written before it was counted). `alpha_separation` says how far alpha
+    separated (`stability.alpha_separation`: about 1 is noise, 3 or more separated); a result written before it
+    was recorded gets it from its alpha, steps and ``alpha_lr`` when they are there."""
 
     blocks: tuple[int, ...]
     num_blocks_total: int
@@ -42,6 +45,7 @@ class SelectionResult:
     val_loss_curve: list[float] = field(default_factory=list)
     train_loss_curve: list[float] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    alpha_separation: float | None = None
 
     def __post_init__(self) -> None:
         self.blocks = BlockSelection(tuple(self.blocks), self.num_blocks_total).blocks
@@ -49,6 +53,9 @@ class SelectionResult:
         self.settings = json.loads(json.dumps(self.settings))
         if len(self.alpha) != self.num_blocks_total:
             raise ValueError(f"{len(self.alpha)} alpha values for {self.num_blocks_total} blocks")
+        alpha_lr = self.settings.get("alpha_lr")
+        if self.alpha_separation is None and self.steps > 0 and isinstance(alpha_lr, int | float) and alpha_lr > 0:
+            self.alpha_separation = measure_separation(self.alpha, self.steps, alpha_lr)
 
     @property
     def num_blocks(self) -> int:

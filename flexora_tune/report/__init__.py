@@ -9,9 +9,10 @@ it into ``summary.csv`` / ``summary.md``, three PNG plots, ``best_selection.json
 One job per module: `trials` (the table, read, written and checked), `tables` (summaries and the winner),
 `paired` (each strategy against a reference, seed by seed, with `stats`' Student t intervals), `floor_rows`
 (the comparison's floors as reference rows, the marks and the warning when no strategy beats them), `compute`
-(FLOPs in fine-tune equivalents), `formatting` (text and Markdown), `plots`, `export` (the winner's files)
-and `write` (all of it for a folder). File names and metric keys live in `flexora_tune.results`; they are
-re-exported here for callers that imported them from this module.
+(FLOPs in fine-tune equivalents), `agreement` (whether the searches of different seeds agree beyond chance),
+`formatting` (text and Markdown), `plots`, `export` (the winner's files) and `write` (all of it for a folder).
+File names and metric keys live in `flexora_tune.results`; they are re-exported here for callers that imported
+them from this module.
 
 The selection rule, everywhere: trials are compared by the *validation* metric only (ties: less compute).
 The test metric of the chosen trial is carried along and reported, never compared.
@@ -35,6 +36,7 @@ from ..results import (
     Mode,
     infer_mode,
 )
+from .agreement import agreement_lines, search_agreements
 from .compute import FLOPS_COLUMN, finetune_equivalents, finetune_units, has_flops
 from .export import DEFAULT_LAYERS_PATTERN, DEFAULT_TARGET_MODULES, export_best
 from .floor_rows import FLOOR_COLUMNS, floor_warning
@@ -86,6 +88,7 @@ __all__ = [
     "TRIALS_PARQUET_FILE",
     "Mode",
     "NoSuccessfulTrialError",
+    "agreement_lines",
     "best_per_seed",
     "best_so_far_axis",
     "best_selection",
@@ -105,6 +108,7 @@ __all__ = [
     "plot_block_map",
     "plot_gate_heatmap",
     "read_trials",
+    "search_agreements",
     "strategy_colors",
     "student_t_cdf",
     "student_t_quantile",

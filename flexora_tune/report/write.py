@@ -24,6 +24,7 @@ from ..results import (
     check_metric_mode,
     infer_mode,
 )
+from .agreement import agreement_lines, agreement_note, search_agreements, write_agreement
 from .compute import UNIT_FROM_ALL, finetune_units, has_flops, units_note
 from .export import export_best
 from .floor_rows import floor_warning
@@ -75,6 +76,10 @@ def write_report(
     With ``floors.json`` (written by `compare`: `floors.write_floors`), the summary ends with the floors as
     reference rows, the best-so-far plot draws them, strategies that do not beat the majority-class floor are
     marked, and best_selection.json records whether the winner beats it (and the warning when no strategy does).
+
+    When a strategy has finished searches on two or more seeds (Flexora), their agreement against random subsets
+    (`agreement.search_agreements`) is written to ``search_agreement.json`` (not among the returned paths), said
+    in ``summary.md`` and printed as one line per strategy.
     """
     out = Path(out_dir)
     trials = read_trials(out)
@@ -108,9 +113,13 @@ def write_report(
         best = None
     if best is not None:
         paths.update(export_best(*best, out, metric, meta, floors, mode, floor_warning(summary, metric)))
+    agreements = search_agreements(trials)
+    write_agreement(agreements, out, trials)
+    for line in agreement_lines(agreements):
+        print(f"[report] {line}", flush=True)
     images = [p.name for key, p in paths.items() if p.suffix == ".png"]
     paths["summary_md"] = out / SUMMARY_MD_FILE
     paths["summary_md"].write_text(summary_document(
-        summary, metric, meta, best, images, notes=[n for n in (units_note(trials),) if n]
+        summary, metric, meta, best, images, notes=[n for n in (units_note(trials), agreement_note(agreements)) if n]
     ))
     return paths
