@@ -18,11 +18,15 @@ _LAZY = {
     "run_pipeline": "flexora",
     "SelectionResult": "flexora",
     "SearchSettings": "flexora",
+    "lora_norm_ranking": "probes",
+    "grad_norm_ranking": "probes",
+    "ProbeResult": "probes",
     "trainable": "tune_trainable",  # not a module named `trainable`: importing it would shadow the function
     "FlexoraSearcher": "search",
     "RandomLayerSearcher": "search",
     "StaticLayerSearcher": "search",
     "tpe_searcher": "search",
+    "ProbeSearcher": ("search.probe", "ProbeSearcher"),
     # the comparison's Python API (a DataFrame for notebooks); not `compare`, which the submodule would shadow
     "compare_strategies": ("compare", "compare"),
     "write_report": "report",

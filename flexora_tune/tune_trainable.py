@@ -1,4 +1,5 @@
-"""The one Ray Tune function trainable: a Flexora search trial or a fine-tune of one block subset."""
+"""The one Ray Tune function trainable: a Flexora search trial, a probe trial (a cheap ranking of the blocks) or a
+fine-tune of one block subset."""
 
 from __future__ import annotations
 
@@ -16,9 +17,16 @@ from .blocks import BlockSelection, format_blocks
 from .finetune import FinetuneSettings, planned_steps, settings_from
 from .model_cache import release_trial_memory
 from .results import (
+    ALPHA_SEPARATION,
     FINETUNE_METRICS,
     FINETUNE_STEP,
+    PROBE_FILE,
+    PROBE_KEY,
+    PROBE_RANKING,
+    PROBE_SCORES,
+    PROBE_STAGE,
     SEARCH_TRAIN_LOSS,
+    SEARCH_VAL_LOSS,
     SELECTION_FILE,
     TRAIN_LOSS,
     best_search_selection,
@@ -28,8 +36,8 @@ from .results import (
 from .search.encoding import BLOCKS_KEY, LAYERS_KEY, num_blocks_of, selection_from_config
 from .tasks import TaskData, load_task
 
-Stage = Literal["search", "finetune"]
-IDENTITY_KEYS = ("model", "task", "seed", "stage", "strategy", "variant")
+Stage = Literal["search", "finetune", "probe"]
+IDENTITY_KEYS = ("model", "task", "seed", "stage", "strategy", "variant", PROBE_KEY)
 SUBSET_KEYS = (LAYERS_KEY, BLOCKS_KEY)
 STAGE_OVERRIDE_KEYS = ("search", "finetune")
 #: What a search report holds under each fine-tune metric: the worst value of its kind, never a measurement.
@@ -49,6 +57,12 @@ def _search_settings_fields() -> frozenset[str]:
     return _field_names(SearchSettings)
 
 
+def _probe_settings_fields() -> frozenset[str]:
+    from .probes import ProbeSettings
+
+    return _field_names(ProbeSettings)
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """A trial config, validated: which stage runs, on what, and with which stage settings.
@@ -56,7 +70,10 @@ class TrialConfig:
     `settings` holds only the keys of the running stage's settings class; keys meant for the other stage
     (e.g. ``epochs`` in a search trial) are dropped, so one base config serves both stages. The nested
     dicts ``config["search"]`` / ``config["finetune"]`` override settings for one stage only. A search
-    trial keeps the fine-tune's settings in `finetune_settings`, to size itself against that fine-tune.
+    trial keeps the fine-tune's settings in `finetune_settings`, to size itself against that fine-tune. A probe
+    trial (stage ``"probe"``, `probe` one of `probes.PROBES`) takes the search's settings (``config["search"]``
+    included, so it trains on the search set for as many steps as the search beside it) and `ProbeSettings`'
+    own, and sizes itself the same way.
     """
 
     model: str = "default"
@@ -65,6 +82,7 @@ class TrialConfig:
     stage: Stage = "finetune"
     strategy: str | None = None
     variant: str = ""
+    probe: str | None = None
     selection: BlockSelection | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
     finetune_settings: Mapping[str, Any] = field(default_factory=dict)
@@ -74,6 +92,8 @@ class TrialConfig:
         """The strategy name reported with every result."""
         if self.strategy:
             return self.strategy
+        if self.stage == PROBE_STAGE:
+            return str(self.probe)
         return "flexora" if self.stage == "search" else ("all" if self.selection is None else "given")
 
 
@@ -85,8 +105,8 @@ def parse_config(config: Mapping[str, Any], num_blocks: int | None = None) -> Tr
     """
     config = dict(config)
     stage = config.get("stage", "finetune")
-    if stage not in ("search", "finetune"):
-        raise ValueError(f"config['stage'] must be 'search' or 'finetune', got {stage!r}")
+    if stage not in ("search", "finetune", PROBE_STAGE):
+        raise ValueError(f"config['stage'] must be {PROBE_STAGE!r}, 'search' or 'finetune', got {stage!r}")
     seed = config.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"config['seed'] must be an int, got {seed!r}")
@@ -95,7 +115,12 @@ def parse_config(config: Mapping[str, Any], num_blocks: int | None = None) -> Tr
         search_keys = _search_settings_fields()
     except ImportError:  # the Flexora search is optional for fine-tune-only sweeps
         search_keys = frozenset()
-    own, other = (search_keys, finetune_keys) if stage == "search" else (finetune_keys, search_keys)
+    try:
+        probe_keys = _probe_settings_fields()
+    except ImportError:
+        probe_keys = search_keys
+    own = {"search": search_keys, "finetune": finetune_keys, PROBE_STAGE: probe_keys}[stage]
+    other = (finetune_keys | search_keys | probe_keys) - own
     for name, valid in (("search", search_keys), ("finetune", finetune_keys)):
         overrides = config.get(name) or {}
         if not isinstance(overrides, Mapping):
@@ -107,8 +132,8 @@ def parse_config(config: Mapping[str, Any], num_blocks: int | None = None) -> Tr
     def stage_settings(name: str, keys: frozenset[str]) -> dict[str, Any]:
         return {**{k: v for k, v in config.items() if k in keys}, **(config.get(name) or {})}
 
-    settings = stage_settings(stage, own)
-    finetune_settings = stage_settings("finetune", finetune_keys) if stage == "search" else {}
+    settings = stage_settings("search" if stage == PROBE_STAGE else stage, own)
+    finetune_settings = stage_settings("finetune", finetune_keys) if stage != "finetune" else {}
     reserved = {*IDENTITY_KEYS, *SUBSET_KEYS, *STAGE_OVERRIDE_KEYS}
     unknown = sorted(k for k in config if k not in reserved and k not in own and k not in other)
     if unknown:
@@ -123,12 +148,19 @@ def parse_config(config: Mapping[str, Any], num_blocks: int | None = None) -> Tr
                  if needs_l else num_blocks)
         selection = selection_from_config(config, total)
     elif any(config.get(k) is not None for k in SUBSET_KEYS):
-        raise ValueError("a search trial (stage 'search') chooses its own blocks: drop 'layers'/'blocks'")
+        raise ValueError(f"a {stage} trial (stage {stage!r}) chooses its own blocks: drop 'layers'/'blocks'")
+    probe = config.get(PROBE_KEY)
+    if stage == PROBE_STAGE:
+        from .probes import PROBES
+
+        if probe not in PROBES:
+            raise ValueError(f"a probe trial needs config[{PROBE_KEY!r}] in {PROBES}, got {probe!r}")
     strategy = config.get("strategy")
     return TrialConfig(
         model=config.get("model", "default"), task=config.get("task", "default"), seed=seed, stage=stage,
         strategy=str(strategy) if strategy else None, variant=str(config.get("variant") or ""),
-        selection=selection, settings=settings, finetune_settings=finetune_settings,
+        probe=str(probe) if stage == PROBE_STAGE else None, selection=selection, settings=settings,
+        finetune_settings=finetune_settings,
     )
 
 
@@ -172,7 +204,8 @@ def _resume_dir():
 
 
 def trainable(config: dict[str, Any]) -> None:
-    """Run one trial: a Flexora search (``stage="search"``) or a LoRA fine-tune of one block subset.
+    """Run one trial: a Flexora search (``stage="search"``), a probe (``stage="probe"``, ``probe="lora-norm"`` or
+    ``"grad-norm"``, optional ``top_k``: `probes.py`) or a LoRA fine-tune of one block subset.
 
     Config keys: ``model`` and ``task`` (names, paths, or a dict of `TaskSpec` fields), ``seed`` (0),
     ``stage`` (``"finetune"``), ``strategy``/``variant`` (labels echoed in results), the subset as
@@ -207,7 +240,11 @@ def trainable(config: dict[str, Any]) -> None:
     - search trials also: their own losses ``search_val_loss`` and ``search_train_loss`` (means since the
       previous report), ``alpha`` (list, one per block), and in the final report
       ``selection`` (the `SelectionResult` as JSON, without its curves; the full one is ``selection.json``
-      in that report's checkpoint), plus the search's ``gates``, ``threshold`` and ``stable_steps``.
+      in that report's checkpoint), plus the search's ``gates``, ``threshold`` and ``stable_steps``;
+    - probe trials report as search trials do (placeholders, ``finetune_step`` 0, ``flops``, ``compute_s``), plus
+      ``probe``, ``search_train_loss`` (progress every ``report_every`` steps of lora-norm's training), and in the
+      final report the kept ``blocks``, ``probe_scores`` (one per block), ``probe_ranking`` (best first),
+      ``threshold`` and ``search_val_loss`` (lora-norm); the `ProbeResult` is ``probe.json`` in its checkpoint.
 
     Every report checkpoints; keep storage bounded with ``RunConfig(checkpoint_config=CheckpointConfig(
     num_to_keep=2))``. A restarted trial resumes from `tune.get_checkpoint()`.
@@ -223,6 +260,8 @@ def trainable(config: dict[str, Any]) -> None:
     try:
         if trial.stage == "search":
             _run_search(trial, settings, identity)
+        elif trial.stage == PROBE_STAGE:
+            _run_probe(trial, settings, {**identity, PROBE_KEY: trial.probe})
         else:
             _run_finetune(trial, settings, identity)
     finally:
@@ -280,7 +319,38 @@ def _run_search(trial: TrialConfig, settings: dict[str, Any], identity: dict[str
     _report({**unset, **identity, "blocks": format_blocks(result.blocks), "num_blocks": len(result.blocks),
              "num_blocks_total": result.num_blocks_total, "alpha": [float(a) for a in result.alpha],
              "compute_s": result.compute_s, "flops": result.flops, "step": result.steps,
-             "selection": json.dumps(summary), "progress": 1.0, "final": True}, save_selection)
+             ALPHA_SEPARATION: result.alpha_separation, "selection": json.dumps(summary), "progress": 1.0,
+             "final": True}, save_selection)
+
+
+def _run_probe(trial: TrialConfig, settings: dict[str, Any], identity: dict[str, Any]) -> None:
+    from .probes import ProbeResult, run_probe
+
+    unset = {**SEARCH_PLACEHOLDERS, FINETUNE_STEP: 0}
+
+    def on_step(metrics: dict[str, Any]) -> None:
+        own = {SEARCH_TRAIN_LOSS if k == TRAIN_LOSS else k: v for k, v in metrics.items()}
+        _report({**own, **unset, **identity, "progress": metrics["step"] / metrics["total_steps"], "final": False})
+
+    with _resume_dir() as resume_from:
+        finished = Path(resume_from) / PROBE_FILE if resume_from else None
+        if finished is not None and finished.exists():
+            result = ProbeResult.from_json(finished.read_text())
+        else:
+            result = run_probe(str(trial.probe), trial.model, trial.task, trial.seed,
+                               finetune=dict(trial.finetune_settings), on_step=on_step, **settings)
+
+    def save_probe(directory: str) -> None:
+        (Path(directory) / PROBE_FILE).write_text(result.to_json())
+
+    losses = {SEARCH_TRAIN_LOSS: result.train_loss, SEARCH_VAL_LOSS: result.search_val_loss}
+    _report({**unset, **identity, **{k: v for k, v in losses.items() if v is not None},
+             "blocks": format_blocks(result.blocks), "num_blocks": len(result.blocks),
+             "num_blocks_total": result.num_blocks_total, PROBE_SCORES: list(result.scores),
+             PROBE_RANKING: list(result.ranking), "threshold": result.threshold, "compute_s": result.compute_s,
+             "flops": result.flops, "step": result.steps, "total_steps": result.steps,
+             "examples_seen": result.examples_seen, "val_examples_seen": result.val_examples_seen,
+             "progress": 1.0, "final": True}, save_probe)
 
 
 def selection_from_analysis(analysis, metric: str = "val_accuracy", mode: str = "max"):

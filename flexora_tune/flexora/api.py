@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -13,8 +15,8 @@ from typing import Any
 from ..finetune import FinetuneResult, FinetuneSettings, planned_steps
 from ..finetune import finetune as finetune_blocks
 from ..objective import encode, loss_fn
-from ..tasks import TaskData, TaskSpec, load_task
-from ..training import epoch_batch, open_lora_session, settings_from
+from ..tasks import Example, TaskData, TaskSpec, load_task
+from ..training import LoraSession, epoch_batch, open_lora_session, settings_from
 from .loop import BilevelLoop, OnStep
 from .result import SelectionResult
 from .settings import SearchSettings
@@ -33,22 +35,40 @@ def _cyclic_indices(n: int, seed: int, start: int, size: int) -> list[int]:
     return [_val_order(n, seed, pos // n)[pos % n] for pos in range(start, start + size)]
 
 
-def prepare_search(
-    model: str = "default",
-    task: str | dict | TaskSpec | TaskData = "default",
-    seed: int = 0,
-    *,
-    finetune: FinetuneSettings | dict[str, Any] | None = None,
-    **settings: Any,
-) -> BilevelLoop:
-    """Load `model` for `task`, attach seeded LoRA to every block and gate it: a search ready to `run`.
+@dataclass
+class SearchSession:
+    """What a Flexora search trains and validates on, built from a model and task named by strings: the model
+    with seeded LoRA on every block (`session`), the search set, the planned length, and the batch functions.
+    `prepare_search` gates it into a `BilevelLoop`; the probes (`probes.py`) train and score on the very same
+    set, batches and length, so the two are comparable step for step."""
 
-    The search set (`search_set_size`) is visited in a seeded order per epoch; search-validation batches
-    cycle through the task's ``search_val`` split in a seeded order. Without `steps`, the search is sized
-    against `finetune` (the settings of the fine-tune that follows; None: one pass over the search set), see
-    `default_search_steps`. Keyword `settings` are the fields of `SearchSettings`.
-    """
-    config: SearchSettings = settings_from(SearchSettings, settings)
+    session: LoraSession
+    settings: SearchSettings
+    search_set: tuple[Example, ...]
+    total_steps: int
+    train_batch: Callable[[int], Any]
+    val_batch: Callable[[int], Any]
+    loss: Callable[[Any, Any], Any]
+    identity: dict[str, Any]
+
+    @property
+    def val_pass_batches(self) -> int:
+        """Search-validation batches that visit the ``search_val`` split once (the last one may wrap)."""
+        size = self.settings.val_batch_size or self.settings.batch_size
+        return math.ceil(len(self.session.task.search_val) / size)
+
+
+def open_search_session(
+    model: str,
+    task: str | dict | TaskSpec | TaskData,
+    seed: int,
+    config: SearchSettings,
+    finetune: FinetuneSettings | dict[str, Any] | None = None,
+) -> SearchSession:
+    """Load `model` for `task` with seeded LoRA on every block, and the search's data: the search set
+    (`search_set_size`) visited in a seeded order per epoch, search-validation batches cycling through the
+    task's ``search_val`` split in a seeded order, and the length (`config.steps`, else
+    `default_search_steps` against `finetune`)."""
     if isinstance(finetune, dict):
         finetune = settings_from(FinetuneSettings, finetune)
     data = task if isinstance(task, TaskData) else load_task(task)
@@ -58,10 +78,6 @@ def prepare_search(
     if not search_set:
         raise ValueError(f"{data.spec.name} has no training examples to search with")
     total_steps = config.steps or default_search_steps(len(data.train), config, finetune)
-    if total_steps < SHORT_SEARCH and not config.steps:
-        warnings.warn(f"the search is sized to only {total_steps} steps (the reference's share of a "
-                      f"{planned_steps(len(data.train), finetune) if finetune else 'one-pass'}-step fine-tune); "
-                      "alpha may not have separated the blocks yet: set steps= for a longer search", stacklevel=2)
     session = open_lora_session(model, data, None, config, seed)
     val_size = config.val_batch_size or config.batch_size
     max_length = config.search_max_length or data.spec.max_length
@@ -76,11 +92,40 @@ def prepare_search(
         chunk = [data.search_val[i] for i in picked]
         return encode(chunk, tokenizer, kind, max_length).to(device)
 
+    identity = {"model": model, "task": data.spec.name, "target_modules": config.target_modules,
+                "task_type": "SEQ_CLS" if kind == "classification" else "CAUSAL_LM"}
+    return SearchSession(session, config, search_set, total_steps, train_batch, val_batch,
+                         lambda m, b: loss_fn(m, b, kind), identity)
+
+
+def prepare_search(
+    model: str = "default",
+    task: str | dict | TaskSpec | TaskData = "default",
+    seed: int = 0,
+    *,
+    finetune: FinetuneSettings | dict[str, Any] | None = None,
+    **settings: Any,
+) -> BilevelLoop:
+    """Load `model` for `task`, attach seeded LoRA to every block and gate it: a search ready to `run`.
+
+    The search set (`search_set_size`) is visited in a seeded order per epoch; search-validation batches
+    cycle through the task's ``search_val`` split in a seeded order (`open_search_session`). Without `steps`,
+    the search is sized against `finetune` (the settings of the fine-tune that follows; None: one pass over
+    the search set), see `default_search_steps`. Keyword `settings` are the fields of `SearchSettings`.
+    """
+    config: SearchSettings = settings_from(SearchSettings, settings)
+    if isinstance(finetune, dict):
+        finetune = settings_from(FinetuneSettings, finetune)
+    opened = open_search_session(model, task, seed, config, finetune)
+    total_steps = opened.total_steps
+    if total_steps < SHORT_SEARCH and not config.steps:
+        train_size = len(opened.session.task.train)
+        warnings.warn(f"the search is sized to only {total_steps} steps (the reference's share of a "
+                      f"{planned_steps(train_size, finetune) if finetune else 'one-pass'}-step fine-tune); "
+                      "alpha may not have separated the blocks yet: set steps= for a longer search", stacklevel=2)
     return BilevelLoop(
-        session.model, session.layout, lambda m, b: loss_fn(m, b, kind), train_batch, val_batch, config,
-        total_steps, seed, flop_model=session.flop_model,
-        identity={"model": model, "task": data.spec.name, "target_modules": config.target_modules,
-                  "task_type": "SEQ_CLS" if kind == "classification" else "CAUSAL_LM"},
+        opened.session.model, opened.session.layout, opened.loss, opened.train_batch, opened.val_batch, config,
+        total_steps, seed, flop_model=opened.session.flop_model, identity=opened.identity,
     )
 
 
