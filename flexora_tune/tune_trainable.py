@@ -18,6 +18,7 @@ from .finetune import FinetuneSettings, planned_steps, settings_from
 from .model_cache import release_trial_memory
 from .results import (
     ALPHA_SEPARATION,
+    ARM,
     FINETUNE_METRICS,
     FINETUNE_STEP,
     PROBE_FILE,
@@ -37,7 +38,7 @@ from .search.encoding import BLOCKS_KEY, LAYERS_KEY, num_blocks_of, selection_fr
 from .tasks import TaskData, load_task
 
 Stage = Literal["search", "finetune", "probe"]
-IDENTITY_KEYS = ("model", "task", "seed", "stage", "strategy", "variant", PROBE_KEY)
+IDENTITY_KEYS = ("model", "task", "seed", "stage", "strategy", "variant", PROBE_KEY, ARM)
 SUBSET_KEYS = (LAYERS_KEY, BLOCKS_KEY)
 STAGE_OVERRIDE_KEYS = ("search", "finetune")
 #: What a search report holds under each fine-tune metric: the worst value of its kind, never a measurement.
@@ -208,7 +209,7 @@ def trainable(config: dict[str, Any]) -> None:
     ``"grad-norm"``, optional ``top_k``: `probes.py`) or a LoRA fine-tune of one block subset.
 
     Config keys: ``model`` and ``task`` (names, paths, or a dict of `TaskSpec` fields), ``seed`` (0),
-    ``stage`` (``"finetune"``), ``strategy``/``variant`` (labels echoed in results), the subset as
+    ``stage`` (``"finetune"``), ``strategy``/``variant``/``arm`` (labels echoed in results), the subset as
     ``layers`` = {"l00": 0/1, ...} or ``blocks`` = [i, ...] (fine-tune only; none means all blocks), any
     `FinetuneSettings` or `SearchSettings` field (each stage keeps its own and ignores the other's), and the
     nested dicts ``search``/``finetune`` for settings of one stage only. Unknown keys fail the trial.
@@ -256,7 +257,7 @@ def trainable(config: dict[str, Any]) -> None:
     settings = {**runtime, **trial.settings}
     identity = {"stage": trial.stage, "strategy": trial.label, "variant": trial.variant, "seed": trial.seed,
                 "device": str(settings["device"]), "threads": settings["threads"], "start_time": time.time(),
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(), ARM: str(config.get(ARM) or "")}
     try:
         if trial.stage == "search":
             _run_search(trial, settings, identity)

@@ -146,8 +146,8 @@ class LayerSearcher(Searcher):
     def num_blocks(self) -> int:
         """L, from the constructor or else read once from the config's model."""
         if self._num_blocks is None:
-            model = {**self._base_config, **self._tune_config}.get("model", "default")
-            self._num_blocks = num_blocks_of(model)
+            config = {**self._base_config, **self._tune_config}
+            self._num_blocks = num_blocks_of(config.get("model", "default"), bool(config.get("trust_remote_code")))
         return self._num_blocks
 
     def identity(self, source: Mapping[str, Any]) -> Identity | None:

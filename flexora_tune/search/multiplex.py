@@ -75,9 +75,10 @@ class ArmsSearcher(Searcher):
       `ArmBudgetStopper` stops the trial whose report makes its arm reach it.
     - ``max_concurrent_trials`` is taken here (`set_max_concurrency` returns True), counting the trials Tune
       still runs, as the layer searchers do; arms are not limited individually.
-    - Metric and mode: the constructor's or the TuneConfig's (a conflict raises), passed to every arm with Tune's
-      config in `set_search_properties` (and to a deferred arm when it is built). Tune calls that only with a
-      non-empty param space; without one, build the arms with their metric and mode.
+    - Metric and mode: the constructor's or the TuneConfig's (a conflict raises), passed to every arm (a deferred
+      one when it is built) with Tune's config once Tune gives it (`set_search_properties`, called only with a
+      non-empty param space), or with an empty config before that. An arm built with a conflicting metric or
+      mode raises, naming both.
     - `save`/`restore` pickle the whole multiplexer (every arm, what each was told, the spend), so
       `Tuner.restore` continues the whole comparison.
     """
@@ -119,6 +120,8 @@ class ArmsSearcher(Searcher):
         self._spent: dict[str, dict[str, dict[str, float]]] = {name: {} for name in self._order}
         self._props: tuple[str | None, str | None, dict[str, Any], dict[str, Any]] | None = None
         self._max_concurrent: int | None = None
+        for arm in self._arms.values():
+            self._tell_properties(arm)
 
     @property
     def arms(self) -> dict[str, Searcher]:
@@ -162,60 +165,66 @@ class ArmsSearcher(Searcher):
         return True
 
     def _tell_properties(self, arm: Searcher) -> None:
+        """Give `arm` the metric, mode and config: Tune's, or before Tune gave them, this searcher's own."""
         if self._props is not None:
             metric, mode, config, spec = self._props
             arm.set_search_properties(metric, mode, dict(config), **spec)
+        elif self._metric or self._mode:
+            arm.set_search_properties(self._metric, self._mode, {})
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         self._max_concurrent = int(max_concurrent) if max_concurrent else None
         return True
 
-    def _live_count(self) -> int:
+    def _live(self, name: str | None = None) -> int:
+        """Trials Tune will still run, of arm `name` or of every arm (without Tune's view: suggested or
+        reporting and not completed)."""
         trials = tune_trials()
         if trials is None:
-            return len(self._open)
-        return sum(1 for t in trials if t.status in LIVE_STATUSES
-                   and (t.trial_id in self._owner or (t.config or {}).get(ARM) in self._served))
+            return sum(1 for t in self._open if name is None or self._owner.get(t) == name)
+        owners = ((self._owner.get(t.trial_id) or (t.config or {}).get(ARM)) for t in trials
+                  if t.status in LIVE_STATUSES)
+        return sum(1 for owner in owners if owner in self._served and (name is None or owner == name))
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         self._release()
-        if self._max_concurrent is not None and self._live_count() >= self._max_concurrent:
+        if self._max_concurrent is not None and self._live() >= self._max_concurrent:
             return None
-        ready = [n for n in self._order if n in self._arms and n not in self._finished]
-        for name in sorted(ready, key=lambda n: self._served[n]):
-            if self.over_budget(name):
-                logger.info("arm %s reached its budget (%s); it gets no new trial", name, self.spent(name))
-                self._finish(name)
-                continue
-            config = self._arms[name].suggest(trial_id)
-            if config == Searcher.FINISHED:
-                self._finish(name)
-            elif config is not None:
-                self._owner[trial_id] = name
-                self._served[name] += 1
-                self._open.add(trial_id)
-                return {**config, ARM: name}
-        self._release()
+        while True:
+            ready = [n for n in self._order if n in self._arms and n not in self._finished]
+            for name in sorted(ready, key=lambda n: self._served[n]):
+                if self.over_budget(name):
+                    logger.info("arm %s reached its budget (%s); it gets no new trial", name, self.spent(name))
+                    self._finished.add(name)
+                    continue
+                config = self._arms[name].suggest(trial_id)
+                if config == Searcher.FINISHED:
+                    self._finished.add(name)
+                elif config is not None:
+                    self._owner[trial_id] = name
+                    self._served[name] += 1
+                    self._open.add(trial_id)
+                    return {**config, ARM: name}
+            if not self._release():  # an arm that just finished may release others: ask again if it did
+                break
         if not self._pending and all(n in self._finished for n in self._arms):
             return Searcher.FINISHED
         return None
 
-    def _finish(self, name: str) -> None:
-        self._finished.add(name)
-
-    def _release(self) -> None:
+    def _release(self) -> bool:
         """Build each deferred arm whose k is known: its Flexora arm reported a selection, or finished without one
-        and with no trial left running (then `fallback_k`)."""
+        and with no trial left running (then `fallback_k`). True when an arm was built or dropped."""
+        changed = False
         for name, spec in list(self._pending.items()):
             k = self._selection_k.get(spec.after)
-            if k is None and spec.after in self._finished and not any(
-                    self._owner.get(t) == spec.after for t in self._open):
+            if k is None and spec.after in self._finished and not self._live(spec.after):
                 k = spec.fallback_k
                 if k is None:
                     logger.warning("arm %s is dropped: arm %s finished without a selection to size it", name,
                                    spec.after)
                     del self._pending[name]
                     self._finished.add(name)
+                    changed = True
                     continue
             if k is None:
                 continue
@@ -223,6 +232,8 @@ class ArmsSearcher(Searcher):
             self._tell_properties(arm)
             del self._pending[name]
             self._arms[name], self._built_k[name] = arm, k
+            changed = True
+        return changed
 
     def _route(self, trial_id: str, result: Mapping[str, Any] | None) -> str | None:
         name = self._owner.get(trial_id) or arm_of_result(result)

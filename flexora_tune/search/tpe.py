@@ -25,7 +25,7 @@ from ray.tune.experiment import Trial
 from ray.tune.search import Searcher
 
 from ..blocks import parse_blocks, top_k_blocks
-from .base import ENDED_STATUSES, LayerSearcher, tune_trials
+from .base import ENDED_STATUSES, LIVE_STATUSES, LayerSearcher, tune_trials
 from .encoding import LAYERS_KEY, encode_layers, is_number, layer_keys
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,10 @@ class LayerOptunaSearch(LayerSearcher):
     asked again (up to `MAX_REDRAWS` times), then an unseen subset is drawn at random; the discarded draws are
     told FAIL, so TPE learns nothing from them. After `max_trials` proposals it returns `FINISHED`.
 
+    The first `n_startup_trials` proposals are random start-up draws and may run at once; the next one waits
+    (`suggest` returns None) until that many have a result, so that it is TPE's, unless none is running any more
+    (failed start-up trials never block the sweep). Later proposals run concurrently, spread by the constant liar.
+
     What Optuna is told: a fine-tune's metric (COMPLETE); a trial stopped early by a scheduler (``final`` False)
     as PRUNED; an errored one, a NaN or missing metric, or a trial that a `Tuner.restore` ended without a
     completion as FAIL (never left RUNNING); a re-run under a new or repeated id (``restart_errored`` /
@@ -192,6 +196,13 @@ class LayerOptunaSearch(LayerSearcher):
         return self._n_startup
 
     @property
+    def sampler_options(self) -> dict[str, Any]:
+        """The `TPESampler` settings: few start-up trials, multivariate, a constant liar unless trials run one at
+        a time (``max_concurrent_trials=1``), seeded."""
+        return {"n_startup_trials": self._n_startup, "multivariate": True,
+                "constant_liar": self._max_concurrent != 1, "seed": self._seed}
+
+    @property
     def sampler(self) -> optuna.samplers.BaseSampler | None:
         """The study's sampler (None until the study is made at the first proposal)."""
         return self._ot_study.sampler if self._ot_study is not None else None
@@ -214,9 +225,7 @@ class LayerOptunaSearch(LayerSearcher):
         if self._k is not None and self._k > total:
             raise ValueError(f"k={self._k} exceeds the model's {total} blocks")
         self._space = ExactKSpace(total, self._k) if self._k else BinarySpace(total)
-        sampler = self._user_sampler or optuna.samplers.TPESampler(
-            n_startup_trials=self._n_startup, multivariate=True, constant_liar=self._max_concurrent != 1,
-            seed=self._seed)
+        sampler = self._user_sampler or optuna.samplers.TPESampler(**self.sampler_options)
         study = optuna.create_study(study_name=self._study_name, sampler=sampler,
                                     direction="maximize" if self._mode == "max" else "minimize")
         for point in self._points:
@@ -230,13 +239,26 @@ class LayerOptunaSearch(LayerSearcher):
             self._settle_ended(trials)
         if self._max_trials is not None and len(self._numbers) >= self._max_trials:
             return Searcher.FINISHED
-        if self.at_capacity(trials):
+        if self.at_capacity(trials) or self._awaiting_startup(trials):
             return None
         number, subset = self._propose()
         self._numbers[trial_id], self._subsets[trial_id] = number, subset
         config = {"stage": "finetune", "strategy": self.label, "seed": self._trial_seed,
                   LAYERS_KEY: encode_layers(subset, self.num_blocks)}
         return self._suggestion(trial_id, config)
+
+    def _awaiting_startup(self, trials: list[Trial] | None) -> bool:
+        """Whether to hold the next proposal: the start-up trials are all proposed, too few have results for TPE to
+        model, and some are still running. Without this, free slots (a comparison runs every arm at once) would
+        turn every proposal of a small budget into a start-up draw, i.e. random search."""
+        if self._user_sampler is not None or len(self._numbers) < self._n_startup:
+            return False
+        modelled = self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if len(modelled) >= self._n_startup:
+            return False
+        if trials is None:
+            return any(t in self._open for t in self._numbers)
+        return any(t.status in LIVE_STATUSES and t.trial_id in self._numbers for t in trials)
 
     def _propose(self) -> tuple[int, tuple[int, ...]]:
         """Ask the study for a subset not proposed before (see the class docstring); (trial number, subset)."""

@@ -1,0 +1,100 @@
+"""The arms of a comparison, equal by construction: with T fine-tunes per seed, every searching strategy gets
+exactly T fine-tunes per seed (Flexora: its search plus T), and a static rule its one fine-tune."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import partial
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from .flexora import FlexoraSearcher
+from .multiplex import Deferred
+from .random_subsets import RandomLayerSearcher
+from .static import StaticLayerSearcher
+from .tpe import tpe_searcher
+
+#: The strategies an arm can run (compare's names).
+ARM_STRATEGIES = ("flexora", "random", "tpe", "all", "first-k", "last-k")
+#: Strategies whose searcher takes a subset size k.
+SIZED = ("random", "tpe", "first-k", "last-k")
+_STATIC_RULES = {"all": "all", "first-k": "first", "last-k": "last"}
+
+
+def arm_name(strategy: str, seed: int) -> str:
+    """``"<strategy>_seed<seed>"``: the name of an arm, its ``config["arm"]`` and its old experiment's name."""
+    return f"{strategy}_seed{seed}"
+
+
+def parse_arm(name: str) -> tuple[str, int]:
+    """(strategy, seed) of an `arm_name`."""
+    strategy, sep, seed = name.rpartition("_seed")
+    if not sep or not strategy or not seed.isdigit():
+        raise ValueError(f"not an arm name like 'random_seed0': {name!r}")
+    return strategy, int(seed)
+
+
+def planned_finetunes(strategy: str, trials: int) -> int:
+    """Fine-tunes per seed of `strategy` in a comparison with `trials` per seed: `trials`, or 1 for a static rule
+    (one subset: a second fine-tune with the same seed would repeat the first)."""
+    return 1 if strategy in _STATIC_RULES else trials
+
+
+def comparison_arms(
+    strategies: Iterable[str],
+    seeds: int | Sequence[int],
+    trials: int,
+    *,
+    metric: str,
+    mode: str,
+    num_blocks: int,
+    k: int | None = None,
+) -> dict[str, Searcher | Deferred]:
+    """One arm per (seed, strategy), named by `arm_name`, for `multiplex.ArmsSearcher`:
+
+    - ``flexora``: its search, then `trials` distinct fine-tunes (``FlexoraSearcher(finetunes=trials)``);
+    - ``random`` / ``tpe``: `trials` distinct subsets of exactly k blocks (TPE: its small-budget sampler);
+    - ``first-k`` / ``last-k`` / ``all``: the rule's one fine-tune.
+
+    k is `k`, else the size Flexora selects for that seed (a `Deferred` arm, released by the search; half the
+    blocks if that search fails), else half the blocks when Flexora is not compared. Every arm fine-tunes with
+    its seed, so seed s of every strategy sees the same data order.
+    """
+    strategies = list(strategies)
+    unknown = sorted(set(strategies) - set(ARM_STRATEGIES))
+    if unknown or not strategies:
+        raise ValueError(f"unknown strategies {unknown or '(none given)'}; choose from {', '.join(ARM_STRATEGIES)}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be a positive int, got {trials!r}")
+    half = max(1, num_blocks // 2)
+    arms: dict[str, Searcher | Deferred] = {}
+    for seed in (range(seeds) if isinstance(seeds, int) else seeds):
+        flexora = arm_name("flexora", seed)
+        for strategy in sorted(strategies, key=lambda s: s != "flexora"):
+            name = arm_name(strategy, seed)
+            factory = _factory(strategy, seed, trials, metric, mode, num_blocks)
+            if strategy not in SIZED:
+                arms[name] = factory()
+            elif k is not None:
+                arms[name] = factory(k=k)
+            elif "flexora" in strategies:
+                arms[name] = Deferred(factory, after=flexora, fallback_k=half,
+                                      planned_trials=planned_finetunes(strategy, trials))
+            else:
+                arms[name] = factory(k=half)
+    return arms
+
+
+def _factory(strategy: str, seed: int, trials: int, metric: str, mode: str, num_blocks: int) -> Any:
+    """A picklable constructor of `strategy`'s searcher for `seed` (taking ``k=`` when the strategy is sized)."""
+    if strategy == "flexora":
+        return partial(FlexoraSearcher, metric, mode, search_seeds=[seed], finetune_seeds=[seed], finetunes=trials)
+    if strategy == "random":
+        return partial(RandomLayerSearcher, metric, mode, seed=seed, trial_seed=seed, max_trials=trials,
+                       num_blocks=num_blocks)
+    if strategy == "tpe":
+        return partial(tpe_searcher, metric, mode, seed=seed, trial_seed=seed, max_trials=trials,
+                       num_blocks=num_blocks)
+    rule = _STATIC_RULES[strategy]
+    return partial(StaticLayerSearcher, metric, mode, rule=rule, seeds=[seed], num_blocks=num_blocks)
