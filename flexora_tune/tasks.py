@@ -57,21 +57,37 @@ class TaskSpec:
     """
 
     source: str = "default"
+    """A built-in task name, a local .csv/.jsonl file, or an HF `datasets` name or path."""
     kind: TaskKind | None = None
+    """``classification`` or ``causal_lm``; None: inferred from the columns."""
     text_column: str = "text"
+    """Input text of a classification task."""
     label_column: str = "label"
+    """Label of a classification task."""
     prompt_column: str = "prompt"
+    """Prompt of a causal-LM task (masked in the loss)."""
     answer_column: str = "answer"
+    """Answer of a causal-LM task (what the loss and the accuracy score)."""
     choices_column: str = "choices"
+    """Optional answer choices of a causal-LM task, scored by likelihood."""
     hf_config: str | None = None
+    """The HF dataset's configuration name, if it has several."""
     hf_split: str = "train"
+    """The HF dataset split that is read (and then split here)."""
     search_val_size: float = 0.1
+    """Flexora's gate-training split: a fraction (< 1) or a count (>= 1)."""
     val_size: float = 0.1
+    """The split that chooses between strategies: a fraction or a count."""
     test_size: float = 0.2
+    """The report-only split: a fraction or a count."""
     max_examples: int | None = None
+    """Use at most this many (deduplicated) examples; None: all."""
     max_length: int = 128
+    """Token limit of an encoded example."""
     split_seed: int = 0
+    """Seed of the splits, independent of any training seed, so every strategy sees the same splits."""
     prompt_template: str = "{text}\nAnswer:"
+    """How a causal-LM example's prompt becomes the model's input (``{text}`` is the prompt)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
