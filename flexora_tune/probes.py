@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from .blocks import BlockLayout, BlockSelection, lora_layers, rank_blocks
 from .finetune import FinetuneSettings
 from .flexora.api import open_search_session
+from .flexora.result import BlockChoice
 from .flexora.selection import select_blocks
 from .flexora.settings import SearchSettings
 from .flops import FlopModel, batch_tokens
@@ -63,7 +64,7 @@ class ProbeSettings(SearchSettings):
 
 
 @dataclass
-class ProbeResult:
+class ProbeResult(BlockChoice):
     """A probe's scores (one per block), their ranking (`rank_blocks`), the kept blocks and the rule that kept
     them, and what it cost: `steps` LoRA steps (lora-norm) or gradient batches (grad-norm), the examples they
     used, `compute_s` and `flops` (the search's axis, `flops.py`)."""
@@ -101,42 +102,6 @@ class ProbeResult:
         self.settings = json.loads(json.dumps(self.settings))
         if len(self.scores) != self.num_blocks_total or sorted(self.ranking) != list(range(self.num_blocks_total)):
             raise ValueError(f"{len(self.scores)} scores and ranking {self.ranking} for {self.num_blocks_total} blocks")
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def selection(self) -> BlockSelection:
-        return BlockSelection(self.blocks, self.num_blocks_total)
-
-    def to_lora_config(self, **lora_kwargs: Any):
-        """A peft `LoraConfig` with LoRA on exactly the kept blocks (r, lora_alpha, dropout: the probe's)."""
-        defaults = {k: self.settings[k] for k in ("r", "lora_alpha", "lora_dropout") if k in self.settings}
-        return self.selection.to_lora_config(**{"target_modules": self.target_modules, "task_type": self.task_type,
-                                                "layers_pattern": self.layers_pattern, **defaults, **lora_kwargs})
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["blocks"], data["target_modules"] = list(self.blocks), list(self.target_modules)
-        return data
-
-    def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown ProbeResult field(s) {unknown}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> ProbeResult:
-        try:
-            return cls.from_dict(json.loads(text))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ValueError(f"not a ProbeResult JSON: {exc}") from exc
 
 
 class LoraOutputNorms:

@@ -11,8 +11,54 @@ from ..results import best_search_selection, trial_outcomes
 from ..stability import alpha_separation as measure_separation
 
 
+class BlockChoice:
+    """What a search result and a probe result share: a choice of blocks with enough of the model's layout to
+    export it as a peft `LoraConfig`, and a JSON form. Subclasses are dataclasses with the fields ``blocks``,
+    ``num_blocks_total``, ``target_modules``, ``layers_pattern``, ``task_type`` and ``settings``."""
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def selection(self) -> BlockSelection:
+        return BlockSelection(self.blocks, self.num_blocks_total)
+
+    def to_lora_config(self, **lora_kwargs: Any):
+        """A peft `LoraConfig` with LoRA on exactly the chosen blocks; rank, lora_alpha, dropout and task type
+        default to the run's, any `LoraConfig` field can be overridden."""
+        defaults = {k: self.settings[k] for k in ("r", "lora_alpha", "lora_dropout") if k in self.settings}
+        options = {"target_modules": self.target_modules, "layers_pattern": self.layers_pattern,
+                   "task_type": self.task_type, **defaults, **lora_kwargs}
+        return self.selection.to_lora_config(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["blocks"] = list(self.blocks)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            return cls.from_dict(json.loads(text))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"not a {cls.__name__} JSON: {exc}") from exc
+
+
 @dataclass
-class SelectionResult:
+class SelectionResult(BlockChoice):
     """What a search found and what it cost: the kept blocks, the final alpha and gates, their history,
     the rule and threshold used, and enough of the model's layout to export a peft `LoraConfig`. It ran
     `steps` of `planned_steps` steps; `stop_reason` says why it ended there. `flops` is the search's
@@ -57,52 +103,8 @@ class SelectionResult:
         if self.alpha_separation is None and self.steps > 0 and isinstance(alpha_lr, int | float) and alpha_lr > 0:
             self.alpha_separation = measure_separation(self.alpha, self.steps, alpha_lr)
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def selection(self) -> BlockSelection:
-        return BlockSelection(self.blocks, self.num_blocks_total)
-
-    def to_lora_config(self, **lora_kwargs: Any):
-        """A peft `LoraConfig` with LoRA on exactly the selected blocks; rank, lora_alpha, dropout and task
-        type default to the search's, any `LoraConfig` field can be overridden."""
-        defaults = {k: self.settings[k] for k in ("r", "lora_alpha", "lora_dropout") if k in self.settings}
-        options = {"target_modules": self.target_modules, "layers_pattern": self.layers_pattern,
-                   "task_type": self.task_type, **defaults, **lora_kwargs}
-        return self.selection.to_lora_config(**options)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["blocks"] = list(self.blocks)
-        data["target_modules"] = list(self.target_modules)
-        return data
-
-    def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SelectionResult:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown SelectionResult field(s) {unknown}; valid: {sorted(known)}")
-        return cls(**data)
-
     @classmethod
     def from_analysis(cls, analysis: Any, metric: str = "val_accuracy", mode: str = "max") -> SelectionResult:
         """The search result behind a Ray Tune run (`tune.run`'s analysis or `Tuner.fit`'s result grid): the
         search whose selection's fine-tune scored best on the validation `metric`."""
         return cls.from_dict(best_search_selection(trial_outcomes(analysis), metric, mode))
-
-    @classmethod
-    def from_json(cls, text: str) -> SelectionResult:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not a SelectionResult JSON: {exc}") from exc
-        try:
-            return cls.from_dict(data)
-        except TypeError as exc:
-            raise ValueError(f"not a SelectionResult JSON: {exc}") from exc

@@ -94,7 +94,26 @@ def subset_of(source: Mapping[str, Any]) -> tuple[int, ...] | None:
     return parse_blocks(source.get("blocks")) or None
 
 
-class LayerSearcher(Searcher):
+class PickledState:
+    """Save/restore for a searcher whose whole state is its picklable ``__dict__`` (what `Tuner.restore` brings
+    back). Tune's storage then holds pickled objects: keep it where only you can write."""
+
+    def get_state(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+
+
+class LayerSearcher(PickledState, Searcher):
     """Base of the layer searchers: a `Searcher` whose whole state is its picklable ``__dict__``.
 
     `base_config` (e.g. ``{"model": ..., "task": ...}``) is merged under every suggestion; Tune also merges
@@ -193,16 +212,3 @@ class LayerSearcher(Searcher):
         self._learn(trial_id, result)
         self._open.discard(trial_id)
 
-    def get_state(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.get_state(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(pickle.load(f))

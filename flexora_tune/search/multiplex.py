@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from ray.tune.stopper import Stopper
 
 from ..blocks import parse_blocks
 from ..results import ARM, FLOPS
-from .base import LIVE_STATUSES, check_mode, resolve_metric_mode, tune_trials
+from .base import LIVE_STATUSES, PickledState, check_mode, resolve_metric_mode, tune_trials
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def _amount(result: Mapping[str, Any] | None, key: str) -> float | None:
     return None
 
 
-class ArmsSearcher(Searcher):
+class ArmsSearcher(PickledState, Searcher):
     """One searcher for many independent arms: `arms` maps an arm's name (e.g. ``"random_seed0"``) to its
     searcher, or to a `Deferred` one.
 
@@ -284,19 +283,6 @@ class ArmsSearcher(Searcher):
         name = self._route(trial_id, result)
         return name is not None and self.over_budget(name, trial_id, result)
 
-    def get_state(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.get_state(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(pickle.load(f))
 
 
 class ArmBudgetStopper(Stopper):
