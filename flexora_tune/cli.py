@@ -194,10 +194,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         settings["search"] = search
     compare(
         out=args.out, model=args.model, task=_task_arg(args), strategies=args.strategies, seeds=args.seeds,
-        trials=args.trials, budget_s=args.budget_s, k=args.k, settings=settings, address=args.address,
-        storage_path=args.storage_path, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        max_concurrent=args.max_concurrent, resume=args.resume, max_failures=args.max_failures,
-        metric=args.metric, mode=args.mode, reference=args.reference,
+        trials=args.trials, budget=args.budget, budget_s=args.budget_s, k=args.k, settings=settings,
+        address=args.address, storage_path=args.storage_path, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, resume=args.resume,
+        max_failures=args.max_failures, metric=args.metric, mode=args.mode, reference=args.reference,
     )
     _print_summary(args.out, args.metric)
     print(f"results in {Path(args.out).resolve()}")
@@ -272,21 +272,28 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = commands.add_parser(
         "compare", help="compare layer-selection strategies under one budget (Ray Tune)",
         description="Run several layer-selection strategies on one model and task, with several seeds, under "
-                    "the same budget per strategy and seed, through Ray Tune on this machine or a cluster. "
+                    "the same budget per strategy and seed, through Ray Tune on this machine or a cluster: "
+                    "every (strategy, seed) arm runs in one Tune experiment, all in flight together. "
                     "Writes OUT/trials.csv, OUT/summary.csv, plots (OUT/*.png), OUT/best_selection.json and "
-                    "OUT/best_lora_config/. The winner is chosen by validation accuracy; test accuracy is "
-                    "only reported.")
+                    "OUT/best_lora_config/. The winner is chosen by --metric (validation accuracy by default); "
+                    "test accuracy is only reported.")
     _add_model_task(cmp)
     _add_training(cmp, single_run=False)
     _add_search(cmp, "--search-steps")
     cmp.add_argument("--strategies", type=_strategies, default=("flexora", "random", "all", "last-k"),
-                     help="comma-separated, from flexora,random,tpe,all,first-k,last-k "
+                     help="comma-separated, from flexora,random,tpe,all,first-k,last-k,lora-norm,grad-norm "
                           "(default: flexora,random,all,last-k)")
     cmp.add_argument("--seeds", type=at_least(1), default=1, help="seeds per strategy (default: %(default)s)")
     cmp.add_argument("--trials", type=at_least(1), default=3,
-                     help="fine-tunes per strategy and seed; static rules need one (default: %(default)s)")
-    cmp.add_argument("--budget-s", type=number, help="compute seconds per strategy and seed, searches included")
-    cmp.add_argument("--k", type=at_least(1), help="blocks for first-k, last-k and random (default: Flexora's count)")
+                     help="fine-tunes per strategy and seed (Flexora and the probes: plus their search or "
+                          "probe trial); static rules need one (default: %(default)s)")
+    cmp.add_argument("--budget", type=number,
+                     help="compute per strategy and seed in fine-tune equivalents (the FLOPs of one all-blocks "
+                          "fine-tune of this comparison), searches and probes included")
+    cmp.add_argument("--budget-s", type=number,
+                     help="compute seconds per strategy and seed, searches included (wall time: other load moves it)")
+    cmp.add_argument("--k", type=at_least(1),
+                     help="blocks for first-k, last-k, random, tpe and the probes (default: Flexora's count)")
     cmp.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_loss"),
                      help="validation metric that ranks trials and picks the winner (default: %(default)s)")
     cmp.add_argument("--mode", choices=("max", "min"),
@@ -300,11 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     ray_group.add_argument("--cpus-per-trial", type=number, default=1, help="(default: %(default)s)")
     ray_group.add_argument("--gpus-per-trial", type=partial(number, zero=True), default=0,
                            help="fractions pack trials (default: 0)")
-    ray_group.add_argument("--max-concurrent", type=at_least(1), help="trials at once per experiment")
+    ray_group.add_argument("--max-concurrent", type=at_least(1),
+                           help="trials at once (default: every slot: the cluster's CPUs / --cpus-per-trial, "
+                                "and GPUs / --gpus-per-trial when trials ask for GPUs)")
     ray_group.add_argument("--resume", action="store_true",
-                           help="continue an interrupted comparison in --out (same --storage-path): finished "
-                                "experiments are read back, interrupted ones restored with their searcher state "
-                                "and running trials' checkpoints, and the rest run fresh")
+                           help="continue an interrupted comparison in --out (same --storage-path): its one "
+                                "experiment is restored with every arm's searcher state; finished trials are kept, "
+                                "interrupted ones continue from their checkpoints, errored ones are retried")
     ray_group.add_argument("--max-failures", type=at_least(-1), default=1,
                            help="retries per trial after a failure such as a lost node, each from the trial's "
                                 "last checkpoint; -1 retries forever (default: %(default)s)")
@@ -346,12 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _interrupted(args: argparse.Namespace) -> str:
     """What a Ctrl-C left behind, said truthfully per command."""
     if args.command == "compare":
+        from .compare import EXPERIMENT
         from .guards import has_progress, storage_location
         from .results import EXPERIMENTS_FILE
 
         out = Path(args.out).absolute()
-        experiments = [f"{name}_seed{seed}" for seed in range(args.seeds) for name in args.strategies]
-        if has_progress(out, storage_location(out, args.storage_path), experiments, EXPERIMENTS_FILE):
+        if has_progress(out, storage_location(out, args.storage_path), [EXPERIMENT], EXPERIMENTS_FILE):
             return f"interrupted; finished results are kept; continue with --resume (results in {out})"
         return f"interrupted before any experiment saved its state; nothing to resume in {out}: run it again"
     if args.command in ("finetune", "search"):

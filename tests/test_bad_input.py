@@ -105,7 +105,7 @@ def test_resume_refuses_another_configuration_naming_the_differing_keys(earlier,
     assert f'model: "{tiny_llama_dir}" there, "{other}" now' in err
     assert snapshot(earlier) == before
     assert main([*common, "--model", str(tiny_llama_dir), "--max-steps", "2"]) == 0
-    assert "all_seed0: already finished" in capsys.readouterr().out
+    assert "comparison: already finished" in capsys.readouterr().out
 
 
 # 3. --resume on a folder without an earlier comparison is refused; nothing there changes.
@@ -129,7 +129,7 @@ def test_resume_starts_a_comparison_where_there_is_nothing_to_lose(tmp_path):
 
     meta = {"model": "m", "task": "t", "metric": "val_accuracy", "strategies": ["all"], "seeds": 1, "trials": 1,
             "settings": {}, "num_blocks_total": 4, "command": "flexora-tune compare --resume"}
-    args = (tmp_path / "ray", ["all_seed0"], meta, "meta.json", "finished_experiments.json")
+    args = (tmp_path / "ray", ["comparison"], meta, "meta.json", "finished_experiments.json")
     (tmp_path / "new").mkdir()
     assert "nothing to resume" in check_resume(tmp_path / "new", *args)
     (tmp_path / "new" / "meta.json").write_text(json.dumps({**meta, "command": "flexora-tune compare"}))

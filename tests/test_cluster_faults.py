@@ -128,6 +128,16 @@ def _results(trial_dir: Path) -> list[dict]:
     return rows
 
 
+def _running_trial(storage: Path, arm: str) -> tuple[Path, list[dict]] | None:
+    """A trial of `arm` in the comparison's one experiment that has reported but not finished: (its dir, its
+    reports so far)."""
+    for trial_dir in storage.glob("comparison/trainable_*"):
+        rows = _results(trial_dir)
+        if rows and rows[0].get("arm") == arm and not rows[-1]["final"]:
+            return trial_dir, rows
+    return None
+
+
 def _compare_args(model: Path, csv: Path, out: Path, strategies: str, *extra: str) -> list[str]:
     return [str(BIN / "flexora-tune"), "compare", "--model", str(model), "--task", str(csv), "--max-length", "32",
             "--strategies", strategies, "--seeds", "1", "--trials", "2", "--max-steps", "12", "--eval-every", "1",
@@ -178,7 +188,7 @@ def test_sweep_survives_losing_a_worker_node_mid_trial(two_nodes, tiny_llama_dir
 
     def trial_on_worker() -> tuple[Path, list[dict]] | None:
         on_worker = {p.pid for p in worker_node.children(recursive=True)}
-        for trial_dir in storage.glob("random_seed0/trainable_*"):
+        for trial_dir in storage.glob("comparison/trainable_*"):
             rows = _results(trial_dir)
             if rows and not rows[-1]["final"] and rows[0]["pid"] in on_worker:
                 return trial_dir, rows
@@ -198,7 +208,7 @@ def test_sweep_survives_losing_a_worker_node_mid_trial(two_nodes, tiny_llama_dir
     assert not before[-1]["final"] and after[-1]["final"] and after[-1]["step"] == 12
     # resumed from its checkpoint on the head node: it continued where it stopped, not from step 1
     assert after[0]["step"] > 1 and after[0]["step"] <= max(r["step"] for r in rows if r["node_id"] == worker_node) + 1
-    first_nodes = {_results(d)[0]["node_id"] for d in storage.glob("random_seed0/trainable_*")}
+    first_nodes = {_results(d)[0]["node_id"] for d in storage.glob("comparison/trainable_*")}
     assert len(first_nodes) == 2, "the two trials should have started on different nodes"
 
 
@@ -215,40 +225,38 @@ def test_killed_driver_resumes_without_losing_or_repeating_trials(tiny_llama_dir
                                   start_new_session=True)
         groups.append(driver.pid)
 
-        def random_trial_running() -> tuple[Path, list[dict]] | None:
-            for trial_dir in (out / "ray").glob("random_seed0/trainable_*"):
-                rows = _results(trial_dir)
-                if rows and not rows[-1]["final"]:
-                    return trial_dir, rows
-            return None
-
-        trial_dir, before = _wait_for(random_trial_running, 150, "a running random trial", driver, log)
+        trial_dir, before = _wait_for(lambda: _running_trial(out / "ray", "random_seed0"), 150,
+                                      "a running random trial", driver, log)
         stopped.append(before[0]["pid"])
         os.kill(stopped[0], signal.SIGSTOP)  # freeze the trial so the driver dies mid-trial
         _kill(tag, groups=tuple(groups), pids=tuple(stopped))  # the driver and its whole local Ray
         driver.wait(timeout=10)
-        assert (out / "finished_experiments.json").exists() and not (out / "ray" / "all_seed0").exists()
+        assert json.loads((out / "finished_experiments.json").read_text()) == []  # the comparison is unfinished
+        search_dir = next(d for d in (out / "ray").glob("comparison/trainable_*") if _results(d)
+                          and _results(d)[-1]["stage"] == "search")
+        assert _results(search_dir)[-1]["final"]  # Flexora's search had finished (it released the random arm)
 
         resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=200,
                                  start_new_session=True)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-        assert "flexora_seed0: already finished" in resumed.stdout
-        assert "random_seed0: resuming" in resumed.stdout and "all_seed0: up to 1" in resumed.stdout
+        assert "comparison: resuming" in resumed.stdout, resumed.stdout[-3000:]
     finally:
         _kill(tag, groups=tuple(groups), pids=tuple(stopped))
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    trials = pd.read_csv(out / "trials.csv")
-    assert sorted(trials.strategy) == ["all", "flexora", "flexora", "random", "random"]
-    assert sorted(trials[trials.strategy == "flexora"].stage) == ["finetune", "search"]
+    trials = pd.read_csv(out / "trials.csv")  # exactly the planned trials: search + 2, random 2, all 1
+    assert sorted(trials.strategy) == ["all", "flexora", "flexora", "flexora", "random", "random"]
+    assert sorted(trials[trials.strategy == "flexora"].stage) == ["finetune", "finetune", "search"]
     assert trials.trial_id.is_unique and (trials.status == "TERMINATED").all()
     assert trials[trials.strategy == "random"].blocks.nunique() == 2  # no subset fine-tuned twice
+    assert json.loads((out / "finished_experiments.json").read_text()) == ["comparison"]
     rows = _results(trial_dir)
     pids = list(dict.fromkeys(r["pid"] for r in rows))
     assert len(pids) == 2 and rows[-1]["final"] and rows[-1]["step"] == 12
     restarted = [r for r in rows if r["pid"] == pids[1]]
     assert restarted[0]["step"] > 1  # continued from its checkpoint, not from the start
-    assert len(list((out / "ray").glob("random_seed0/trainable_*"))) == 2
+    assert len(list((out / "ray").glob("comparison/trainable_*"))) == 6  # no trial started twice
+    assert len({r["pid"] for r in _results(search_dir)}) == 1  # the finished search was not run again
     assert (out / "summary.csv").exists()
 
 
@@ -262,7 +270,7 @@ def test_ctrl_c_stops_the_whole_comparison_and_keeps_finished_results(tiny_llama
         driver = subprocess.Popen(_compare_args(tiny_llama_dir, tiny_csv, out, "flexora,random,all"), env=env,
                                   stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         groups.append(driver.pid)
-        _wait_for(lambda: list((out / "ray").glob("random_seed0/trainable_*")), 150, "a random trial", driver, log)
+        _wait_for(lambda: _running_trial(out / "ray", "random_seed0"), 150, "a running random trial", driver, log)
         driver.send_signal(signal.SIGINT)
         assert driver.wait(timeout=60) == 130, log.read_text()[-3000:]
     finally:
@@ -270,8 +278,12 @@ def test_ctrl_c_stops_the_whole_comparison_and_keeps_finished_results(tiny_llama
         shutil.rmtree(ray_tmp, ignore_errors=True)
     text = log.read_text()
     assert "interrupted; finished results are kept; continue with --resume" in text
-    assert "all_seed0" not in text and not (out / "ray" / "all_seed0").exists()
-    assert set(pd.read_csv(out / "trials.csv").strategy) == {"flexora"}
+    kept = pd.read_csv(out / "trials.csv")  # what had finished, and only that
+    reports = [_results(d) for d in (out / "ray").glob("comparison/trainable_*")]
+    finished = {rows[-1]["trial_id"] for rows in reports if rows and rows[-1]["final"]}
+    assert "search" in set(kept.stage) and (kept.status == "TERMINATED").all() and len(kept) < 6
+    assert set(kept.trial_id) <= finished
+    assert "comparison" not in json.loads((out / "finished_experiments.json").read_text())
 
 
 @pytest.mark.slow
@@ -293,7 +305,7 @@ def test_trial_killed_twice_finishes_after_resume(tiny_llama_dir, tiny_csv, tmp_
 
         def running_trial(trial_dir: Path | None = None) -> tuple[Path, int] | None:
             """A trial (the given one) reporting from a process not killed yet, mid-way: (its dir, its pid)."""
-            dirs = [trial_dir] if trial_dir else sorted((out / "ray").glob("random_seed0/trainable_*"))
+            dirs = [trial_dir] if trial_dir else sorted((out / "ray").glob("comparison/trainable_*"))
             for directory in dirs:
                 rows = [r for r in _results(directory) if r["pid"] not in killed]
                 if rows and not rows[-1]["final"] and rows[-1]["step"] < rows[-1]["total_steps"] - 5:
@@ -313,7 +325,7 @@ def test_trial_killed_twice_finishes_after_resume(tiny_llama_dir, tiny_csv, tmp_
         resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=200,
                                  start_new_session=True)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-        assert "random_seed0: resuming" in resumed.stdout, resumed.stdout[-3000:]
+        assert "comparison: resuming" in resumed.stdout, resumed.stdout[-3000:]
     finally:
         _kill(tag, groups=tuple(groups), pids=tuple(killed))
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -9,7 +9,7 @@ import pytest
 
 from flexora_tune.cli import main
 
-TRIAL_COLUMNS = {"strategy", "seed", "stage", "blocks", "num_blocks", "trainable_params", "val_accuracy",
+TRIAL_COLUMNS = {"strategy", "seed", "arm", "stage", "blocks", "num_blocks", "trainable_params", "val_accuracy",
                  "test_accuracy", "compute_s", "node", "status"}
 
 
@@ -29,9 +29,11 @@ def test_compare_writes_trials_summary_plots_and_the_export(compared):
     trials = pd.read_csv(compared / "trials.csv")
     assert TRIAL_COLUMNS <= set(trials.columns)
     assert set(trials.strategy) == {"flexora", "random", "all"}
-    assert sorted(trials[trials.strategy == "flexora"].stage) == ["finetune", "search"]
+    assert sorted(trials[trials.strategy == "flexora"].stage) == ["finetune", "finetune", "search"]
     assert len(trials[trials.strategy == "random"]) == 2 and len(trials[trials.strategy == "all"]) == 1
-    assert (trials.status == "TERMINATED").all()
+    assert (trials.status == "TERMINATED").all() and (trials.arm == trials.strategy + "_seed0").all()
+    assert trials[trials.stage == "search"].val_accuracy.isna().all()  # no placeholder where nothing was measured
+    assert [p.name for p in (compared / "ray").iterdir() if p.is_dir()] == ["comparison"]  # one experiment
     summary = pd.read_csv(compared / "summary.csv")
     assert sorted(summary.strategy[summary.kind == "strategy"]) == ["all", "flexora", "random"]
     for png in ("best_so_far.png", "block_map.png", "gates_heatmap.png"):

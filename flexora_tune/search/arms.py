@@ -1,5 +1,6 @@
 """The arms of a comparison, equal by construction: with T fine-tunes per seed, every searching strategy gets
-exactly T fine-tunes per seed (Flexora: its search plus T), and a static rule its one fine-tune."""
+exactly T fine-tunes per seed (Flexora: its search plus T; a probe: its probe trial plus T), and a static rule its
+one fine-tune."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ from ray.tune.search import Searcher
 
 from .flexora import FlexoraSearcher
 from .multiplex import Deferred
+from .probe import ProbeSearcher
 from .random_subsets import RandomLayerSearcher
 from .static import StaticLayerSearcher
 from .tpe import tpe_searcher
 
 #: The strategies an arm can run (compare's names).
-ARM_STRATEGIES = ("flexora", "random", "tpe", "all", "first-k", "last-k")
+ARM_STRATEGIES = ("flexora", "random", "tpe", "all", "first-k", "last-k", "lora-norm", "grad-norm")
+#: Strategies that rank the blocks with one cheap probe trial (`probes.py`) before their fine-tunes.
+PROBE_STRATEGIES = ("lora-norm", "grad-norm")
 #: Strategies whose searcher takes a subset size k.
-SIZED = ("random", "tpe", "first-k", "last-k")
+SIZED = ("random", "tpe", "first-k", "last-k", *PROBE_STRATEGIES)
 _STATIC_RULES = {"all": "all", "first-k": "first", "last-k": "last"}
 
 
@@ -41,6 +45,13 @@ def planned_finetunes(strategy: str, trials: int) -> int:
     return 1 if strategy in _STATIC_RULES else trials
 
 
+def planned_arm_trials(strategy: str, trials: int) -> int:
+    """Trials per seed of `strategy`'s arm: its fine-tunes (`planned_finetunes`), plus the search or probe trial
+    that sizes them (Flexora, lora-norm, grad-norm)."""
+    ranked = strategy == "flexora" or strategy in PROBE_STRATEGIES
+    return planned_finetunes(strategy, trials) + (1 if ranked else 0)
+
+
 def comparison_arms(
     strategies: Iterable[str],
     seeds: int | Sequence[int],
@@ -55,6 +66,8 @@ def comparison_arms(
 
     - ``flexora``: its search, then `trials` distinct fine-tunes (``FlexoraSearcher(finetunes=trials)``);
     - ``random`` / ``tpe``: `trials` distinct subsets of exactly k blocks (TPE: its small-budget sampler);
+    - ``lora-norm`` / ``grad-norm``: one probe trial, then `trials` distinct fine-tunes: its top-k blocks, then
+      the nearest subsets by its scores (`probe.ProbeSearcher`);
     - ``first-k`` / ``last-k`` / ``all``: the rule's one fine-tune.
 
     k is `k`, else the size Flexora selects for that seed (a `Deferred` arm, released by the search; half the
@@ -80,7 +93,7 @@ def comparison_arms(
                 arms[name] = factory(k=k)
             elif "flexora" in strategies:
                 arms[name] = Deferred(factory, after=flexora, fallback_k=half,
-                                      planned_trials=planned_finetunes(strategy, trials))
+                                      planned_trials=planned_arm_trials(strategy, trials))
             else:
                 arms[name] = factory(k=half)
     return arms
@@ -95,6 +108,9 @@ def _factory(strategy: str, seed: int, trials: int, metric: str, mode: str, num_
                        num_blocks=num_blocks)
     if strategy == "tpe":
         return partial(tpe_searcher, metric, mode, seed=seed, trial_seed=seed, max_trials=trials,
+                       num_blocks=num_blocks)
+    if strategy in PROBE_STRATEGIES:
+        return partial(ProbeSearcher, metric, mode, probe=strategy, seed=seed, finetunes=trials,
                        num_blocks=num_blocks)
     rule = _STATIC_RULES[strategy]
     return partial(StaticLayerSearcher, metric, mode, rule=rule, seeds=[seed], num_blocks=num_blocks)
