@@ -173,7 +173,9 @@ def _tuner(cfg: CompareConfig, storage: str, base: dict, num_blocks: int, budget
         run_config=tune.RunConfig(
             name=EXPERIMENT, storage_path=storage, stop=ArmBudgetStopper(searcher) if budgeted else None,
             verbose=0, callbacks=[progress_callback(planned, cfg.metric)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # 2, not 1: a driver killed between deleting the older checkpoint and saving the experiment state
+            # would otherwise leave the state pointing at a checkpoint that is gone
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
@@ -234,11 +236,9 @@ def _fit(tuner) -> tuple[Any, bool]:
 
 
 def _trainable(cfg: CompareConfig):
-    from ray import tune
+    from .tune_trainable import trainable_with_resources
 
-    from .tune_trainable import trainable
-
-    return tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    return trainable_with_resources({"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
 
 
 def _budget_flops(cfg: CompareConfig, model: str, base: Mapping[str, Any], num_blocks: int) -> float | None:

@@ -4,6 +4,7 @@ fine-tune of one block subset."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import tempfile
@@ -176,7 +177,9 @@ def ray_runtime_settings(requested_device: str | None = None) -> dict[str, Any]:
 
     assigned = ray.get_runtime_context().get_assigned_resources()
     settings: dict[str, Any] = {"threads": max(1, int(assigned.get("CPU", 1) or 1))}
-    settings["device"] = trial_device(ray.get_gpu_ids(), requested=requested_device)
+    # what this trial was assigned: a reused worker process can still list GPUs of an earlier task it ran
+    gpu_ids = ray.get_gpu_ids() if assigned.get("GPU") else []
+    settings["device"] = trial_device(gpu_ids, requested=requested_device)
     return settings
 
 
@@ -267,6 +270,19 @@ def trainable(config: dict[str, Any]) -> None:
             _run_finetune(trial, settings, identity)
     finally:
         release_trial_memory()
+
+
+def trainable_with_resources(resources: dict[str, float]):
+    """`trainable` with Ray resources per trial (e.g. ``{"cpu": 2, "gpu": 0.5}``), as a new function: Ray's
+    `tune.with_resources` sets an attribute on the function it is given, so applying it to `trainable` itself
+    would hand the same resources to every later ``tune.run(trainable)`` in the process."""
+    from ray import tune
+
+    @functools.wraps(trainable)
+    def with_resources(config: dict[str, Any]) -> None:
+        trainable(config)
+
+    return tune.with_resources(with_resources, resources)
 
 
 def _run_finetune(trial: TrialConfig, settings: dict[str, Any], identity: dict[str, Any]) -> None:

@@ -146,12 +146,12 @@ def test_a_tune_trial_given_a_gpu_that_cannot_use_cuda_fails_at_once(ray_session
         pytest.skip("torch here is a CUDA build; this checks the CPU-build case")
     from ray import tune
 
-    from flexora_tune import trainable
+    from flexora_tune.tune_trainable import trainable_with_resources
 
     base = {"model": str(tiny_llama_dir), "task": {"source": str(tiny_csv), "max_length": 32}, "max_steps": 2,
             "eval_every": 2, "batch_size": 8}
     started = time.time()
-    analysis = tune.run(tune.with_resources(trainable, {"cpu": 1, "gpu": 0.5}), config=base, num_samples=1,
+    analysis = tune.run(trainable_with_resources({"cpu": 1, "gpu": 0.5}), config=base, num_samples=1,
                         storage_path=str(tmp_path / "gpu"), verbose=0, raise_on_failed_trial=False, max_failures=0)
     (trial,) = analysis.trials
     assert trial.status == "ERROR" and time.time() - started < 60
@@ -159,7 +159,7 @@ def test_a_tune_trial_given_a_gpu_that_cannot_use_cuda_fails_at_once(ray_session
     assert "TrialDeviceError" in error and "CPU-only build" in error and "--gpus-per-trial 0" in error, error[-2000:]
     assert not trial.last_result.get("step"), "the trial must fail before it trains"
 
-    analysis = tune.run(tune.with_resources(trainable, {"cpu": 1, "gpu": 0.5}), config={**base, "device": "cpu"},
+    analysis = tune.run(trainable_with_resources({"cpu": 1, "gpu": 0.5}), config={**base, "device": "cpu"},
                         num_samples=1, storage_path=str(tmp_path / "cpu"), verbose=0)
     assert set(analysis.dataframe()["device"]) == {"cpu"}
 
