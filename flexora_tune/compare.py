@@ -266,6 +266,8 @@ def _init_ray(cfg: CompareConfig) -> None:
     import ray
 
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    # search and probe reports carry -inf/+inf placeholders for fine-tune metrics on purpose (issue 14)
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
     if not ray.is_initialized():
         if cfg.address:
