@@ -11,7 +11,8 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from test_flexora import GOOD, NUM_BLOCKS, PlantedModel, PointBatch, _planted_search
+from test_flexora import GOOD, NUM_BLOCKS, PlantedModel, _planted_search
+from tiny import PointBatch
 
 from flexora_tune.blocks import BlockSelection, attach_lora, find_blocks
 from flexora_tune.flexora import BilevelLoop, SearchSettings, SelectionResult

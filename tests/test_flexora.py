@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import pytest
 import tiny
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
+from tiny import PointBatch
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
@@ -166,16 +166,6 @@ def test_second_order_hypergradient_matches_exact_unrolled_autograd():
 
     assert _rel(approx, exact) < 1e-2
     assert _rel(first_order_part, exact) > 5e-2  # the second-order term matters at this xi
-
-
-@dataclass
-class PointBatch:
-    x: torch.Tensor
-    y: torch.Tensor
-
-    @property
-    def size(self) -> int:
-        return int(self.y.shape[0])
 
 
 class ReadsOneFeature(nn.Module):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
 import torch
+from tiny import PointBatch
 from torch import nn
 
 from flexora_tune.blocks import BlockSelection, attach_lora, find_blocks, rank_blocks, top_k_blocks
@@ -34,16 +34,6 @@ NUM_BLOCKS, WIDTH, GOOD = 6, 8, (0, 3, 4)
 @pytest.fixture(scope="module")
 def task(tiny_csv):
     return load_task({"source": str(tiny_csv), "max_length": 32})
-
-
-@dataclass
-class PointBatch:
-    x: torch.Tensor
-    y: torch.Tensor
-
-    @property
-    def size(self) -> int:
-        return int(self.y.shape[0])
 
 
 class ReadsGroup(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -103,3 +104,15 @@ def save_then_preempt(directory: Path):
         raise Preempted
 
     return callback
+
+
+@dataclass
+class PointBatch:
+    """A regression batch for the planted problems: features `x`, targets `y`; `size` is what searches count."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.y.shape[0])
