@@ -263,6 +263,10 @@ def _init_ray(cfg: CompareConfig) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not (cfg.storage_path and "://" in cfg.storage_path):
+        # save the experiment state at every step (cheap on a local or NFS path): with Tune's default (every 10 s
+        # or more) a killed driver can leave it naming a trial checkpoint that was deleted since (num_to_keep)
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     import ray
 
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
