@@ -15,6 +15,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,11 +103,29 @@ class LoadSampler:
 
     def __init__(self) -> None:
         self.samples: list[float] = []
+        self.started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self._stop: threading.Event | None = None
 
     def sample(self) -> float:
         value = os.getloadavg()[0]
         self.samples.append(value)
         return value
+
+    def start(self, every_s: float = 30.0) -> None:
+        """Also sample every `every_s` seconds in a background thread until `stop` (for long runs)."""
+        self._stop = stop = threading.Event()
+        self.sample()
+
+        def loop() -> None:
+            while not stop.wait(every_s):
+                self.sample()
+
+        threading.Thread(target=loop, name="load-sampler", daemon=True).start()
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        self.sample()
 
     def summary(self) -> dict[str, float]:
         if not self.samples:

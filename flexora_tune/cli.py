@@ -104,6 +104,7 @@ def _add_search(parser: argparse.ArgumentParser, steps_flag: str) -> None:
     group.add_argument("--search-max-length", type=at_least(MIN_TOKENS),
                        help="token cut-off of search examples (default: the task's)")
     group.add_argument("--val-batches", type=at_least(1), help="search-validation batches per gate step (default: 1)")
+    group.add_argument("--alpha-lr", type=number, help="learning rate of the gates' alpha (default: 0.01)")
 
 
 def _default_stable() -> int | None:
@@ -114,7 +115,7 @@ def _default_stable() -> int | None:
 
 def _search_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = {"steps": args.search_steps, "search_max_length": args.search_max_length,
-                "val_batches": args.val_batches}
+                "val_batches": args.val_batches, "alpha_lr": args.alpha_lr}
     settings = {k: v for k, v in settings.items() if v is not None}
     if args.stop_when_stable is not None:
         settings["stop_when_stable"] = args.stop_when_stable or None
@@ -194,8 +195,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         settings["search"] = search
     compare(
         out=args.out, model=args.model, task=_task_arg(args), strategies=args.strategies, seeds=args.seeds,
-        trials=args.trials, budget=args.budget, budget_s=args.budget_s, k=args.k, settings=settings,
-        address=args.address, storage_path=args.storage_path, cpus_per_trial=args.cpus_per_trial,
+        trials=args.trials, searches=args.searches, budget=args.budget, budget_s=args.budget_s, k=args.k,
+        settings=settings, address=args.address, storage_path=args.storage_path, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, resume=args.resume,
         max_failures=args.max_failures, metric=args.metric, mode=args.mode, reference=args.reference,
     )
@@ -287,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--trials", type=at_least(1), default=3,
                      help="fine-tunes per strategy and seed (Flexora and the probes: plus their search or "
                           "probe trial); static rules need one (default: %(default)s)")
+    cmp.add_argument("--searches", type=at_least(1), default=1, help="Flexora searches per seed; with several, "
+                     "their consensus is fine-tuned first (default: %(default)s)")
     cmp.add_argument("--budget", type=number,
                      help="compute per strategy and seed in fine-tune equivalents (the FLOPs of one all-blocks "
                           "fine-tune of this comparison), searches and probes included")

@@ -64,6 +64,9 @@ class CompareConfig:
     """Seeds per strategy (seed s of every strategy sees the same data order)."""
     trials: int = 3
     """Fine-tunes per strategy and seed (static rules need one)."""
+    searches: int = 1
+    """Flexora searches per seed (seeds s, s + 1000, ...); with several, their consensus is fine-tuned first and
+    the arm's compute counts every search."""
     budget: float | None = None
     """Compute per strategy and seed in fine-tune equivalents (the FLOPs of one all-blocks fine-tune of this
     comparison), searches and probes included; a trial whose report reaches its arm's budget is stopped, and the
@@ -105,7 +108,7 @@ class CompareConfig:
             raise ValueError(f"unknown strategies {unknown or '(none given)'}; choose from {', '.join(STRATEGIES)}")
         if len(set(self.strategies)) != len(self.strategies):
             raise ValueError(f"strategies listed twice: {list(self.strategies)}")
-        for name in ("seeds", "trials"):
+        for name in ("seeds", "trials", "searches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -159,7 +162,7 @@ def _tuner(cfg: CompareConfig, storage: str, base: dict, num_blocks: int, budget
     from .search import ArmBudgetStopper, ArmsSearcher, comparison_arms
 
     arms = comparison_arms(cfg.strategies, cfg.seeds, cfg.trials, metric=cfg.metric, mode=cfg.mode,
-                           num_blocks=num_blocks, k=cfg.k)
+                           num_blocks=num_blocks, k=cfg.k, searches=cfg.searches)
     searcher = ArmsSearcher(arms, cfg.metric, cfg.mode, budget_flops=budget_flops, budget_s=cfg.budget_s)
     planned, slots = searcher.planned_trials, cfg.max_concurrent or _slots(cfg)
     print(f"[compare] {EXPERIMENT}: {len(arms)} arms, {planned or 'up to the arms'} trials, {slots} at once",
@@ -355,7 +358,8 @@ def _meta(cfg: CompareConfig, layout: BlockLayout, model: str, task: str | Mappi
     meta = {
         "model": model, "task": task, "metric": cfg.metric, "mode": cfg.mode,
         "strategies": list(cfg.strategies), "reference": cfg.reference,
-        "seeds": cfg.seeds, "trials": cfg.trials, "budget": cfg.budget, "budget_s": cfg.budget_s,
+        "seeds": cfg.seeds, "trials": cfg.trials, "searches": cfg.searches, "budget": cfg.budget,
+        "budget_s": cfg.budget_s,
         "num_blocks_total": layout.num_blocks, "target_modules": list(cfg.settings.get("target_modules")
                                                               or layout.target_modules),
         "layers_pattern": layout.pattern, "settings": dict(cfg.settings),

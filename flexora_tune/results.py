@@ -72,6 +72,8 @@ SUMMARY_MD_FILE = "summary.md"
 BEST_SO_FAR_FILE = "best_so_far.png"
 GATES_HEATMAP_FILE = "gates_heatmap.png"
 BLOCK_MAP_FILE = "block_map.png"
+#: Each search's final alpha and each probe's scores per block, as ranks averaged over seeds (`report.block_scores`).
+BLOCK_SCORES_FILE = "block_scores.png"
 BEST_SELECTION_FILE = "best_selection.json"
 BEST_LORA_CONFIG_DIR = "best_lora_config"
 #: The floors `compare` computes before any trial (majority-class and no-fine-tune, per split).

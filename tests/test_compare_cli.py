@@ -19,7 +19,7 @@ def compared(ray_session, tiny_llama_dir, tiny_csv, tmp_path_factory):
     code = main([
         "compare", "--model", str(tiny_llama_dir), "--task", str(tiny_csv), "--max-length", "32",
         "--strategies", "flexora,random,all", "--seeds", "1", "--trials", "2", "--max-steps", "6",
-        "--lr", "1e-2", "--search-steps", "4", "--out", str(out),
+        "--lr", "1e-2", "--search-steps", "4", "--searches", "2", "--alpha-lr", "0.05", "--out", str(out),
     ])
     assert code == 0
     return out
@@ -29,7 +29,11 @@ def test_compare_writes_trials_summary_plots_and_the_export(compared):
     trials = pd.read_csv(compared / "trials.csv")
     assert TRIAL_COLUMNS <= set(trials.columns)
     assert set(trials.strategy) == {"flexora", "random", "all"}
-    assert sorted(trials[trials.strategy == "flexora"].stage) == ["finetune", "finetune", "search"]
+    flexora = trials[trials.strategy == "flexora"]
+    assert sorted(flexora.stage) == ["finetune", "finetune", "search", "search"]  # --searches 2, then --trials 2
+    assert list(flexora[flexora.stage == "finetune"].variant)[0] == "consensus"
+    meta = json.loads((compared / "meta.json").read_text())
+    assert meta["searches"] == 2 and meta["settings"]["search"]["alpha_lr"] == 0.05
     assert len(trials[trials.strategy == "random"]) == 2 and len(trials[trials.strategy == "all"]) == 1
     assert (trials.status == "TERMINATED").all() and (trials.arm == trials.strategy + "_seed0").all()
     assert trials[trials.stage == "search"].val_accuracy.isna().all()  # no placeholder where nothing was measured

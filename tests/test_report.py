@@ -210,8 +210,8 @@ def test_format_summary_is_a_readable_table():
 
 def test_write_report_writes_every_artifact(tmp_path):
     paths = write_report(results_dir(tmp_path))
-    expected = {"summary_csv", "summary_md", "best_so_far", "gates_heatmap", "block_map", "best_selection",
-                "best_lora_config"}
+    expected = {"summary_csv", "summary_md", "best_so_far", "gates_heatmap", "block_map", "block_scores",
+                "best_selection", "best_lora_config"}
     assert set(paths) == expected
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
 
@@ -222,7 +222,7 @@ def test_write_report_writes_every_artifact(tmp_path):
     md = paths["summary_md"].read_text()
     assert "| strategy |" in md and "0.840 ± 0.014" in md and "tiny-llama" in md and "![best_so_far.png]" in md
 
-    for key in ("best_so_far", "gates_heatmap", "block_map"):
+    for key in ("best_so_far", "gates_heatmap", "block_map", "block_scores"):
         image = imread(paths[key])
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
         assert image.std() > 0  # not blank

@@ -19,6 +19,8 @@ from flexora_tune.search import (
     parse_arm,
     planned_finetunes,
 )
+from flexora_tune.search.arms import arm_name, planned_arm_trials, search_seeds
+from flexora_tune.search.flexora import consensus
 from flexora_tune.search.neighbours import alpha_neighbours, plan_subsets, ranked_subsets
 
 L = 6
@@ -120,7 +122,30 @@ def test_flexora_finetunes_cover_several_seeds_and_searches():
     finetunes = drive(searcher)
     per_seed = {seed: [(c["variant"], subset_of(c)) for c in finetunes if c["seed"] == seed] for seed in (0, 1)}
     assert per_seed[0] == per_seed[1]
-    assert [v for v, _ in per_seed[0]] == ["search0", "search1", "consensus"]
+    assert [v for v, _ in per_seed[0]] == ["consensus", "search0", "search1"]  # the pooled evidence first
+
+
+def test_flexora_with_one_finetune_and_several_searches_tunes_their_consensus():
+    searcher = FlexoraSearcher(n_searches=3, finetunes=1)
+    picks = [(0, 1, 2), (0, 1, 3), (0, 2, 4)]
+    for i, picked in enumerate(picks):
+        searcher.suggest(f"s{i}")
+        searcher.on_trial_complete(f"s{i}", result=search_result(picked))
+    assert [(c["variant"], subset_of(c)) for c in drive(searcher)] == [("consensus", consensus(picks))]
+    assert consensus(picks) == (0, 1, 2)
+
+
+def test_comparison_arm_with_several_searches_uses_distinct_search_seeds():
+    arms = comparison_arms(["flexora", "random"], [3], 2, metric="val_accuracy", mode="max", num_blocks=6,
+                           searches=3)
+    flexora = arms[arm_name("flexora", 3)]
+    assert search_seeds(3, 3) == [3, 1003, 2003]
+    assert flexora.planned_trials == 3 + 2
+    seeds = [flexora.suggest(f"s{i}")["seed"] for i in range(3)]
+    assert seeds == [3, 1003, 2003]
+    assert arms[arm_name("random", 3)].planned_trials == planned_arm_trials("random", 2, searches=3) == 2
+    with pytest.raises(ValueError, match="searches"):
+        comparison_arms(["flexora"], 1, 1, metric="val_accuracy", mode="max", num_blocks=6, searches=0)
 
 
 def test_flexora_a_late_selection_takes_a_neighbours_place():
@@ -135,7 +160,7 @@ def test_flexora_a_late_selection_takes_a_neighbours_place():
     searcher.on_trial_complete("f0", result=outcome(first))
     searcher.on_trial_complete("again", result=rerun)
     rest = [c["variant"] for c in drive(searcher)]
-    assert rest == ["search1", "consensus"]  # still 3 fine-tunes in all: the neighbours gave way
+    assert rest == ["consensus", "search1"]  # still 3 fine-tunes in all: the neighbours gave way
 
 
 def test_neighbour_ranking():

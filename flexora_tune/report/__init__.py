@@ -3,14 +3,15 @@
 A results folder holds ``trials.csv`` (one row per trial; ``flexora-tune compare`` writes it, or
 `write_trials`), optionally ``search_trajectories.json`` (Flexora's alpha per recorded search step) and
 ``meta.json`` (model, task, metric, reference, LoRA ``target_modules`` and ``layers_pattern``). `write_report` turns
-it into ``summary.csv`` / ``summary.md``, three PNG plots, ``best_selection.json`` and
+it into ``summary.csv`` / ``summary.md``, the PNG plots, ``best_selection.json`` and
 ``best_lora_config/adapter_config.json``.
 
 One job per module: `trials` (the table, read, written and checked), `tables` (summaries and the winner),
 `paired` (each strategy against a reference, seed by seed, with `stats`' Student t intervals), `floor_rows`
 (the comparison's floors as reference rows, the marks and the warning when no strategy beats them), `compute`
 (FLOPs in fine-tune equivalents), `agreement` (whether the searches of different seeds agree beyond chance),
-`formatting` (text and Markdown), `plots`, `export` (the winner's files) and `write` (all of it for a folder).
+`formatting` (text and Markdown), `plots`, `block_scores` (searches' final alpha and probes' scores per block, as
+ranks), `export` (the winner's files) and `write` (all of it for a folder).
 File names and metric keys live in `flexora_tune.results`; they are re-exported here for callers that imported
 them from this module.
 
@@ -25,6 +26,7 @@ from ..results import (
     BEST_SELECTION_FILE,
     BEST_SO_FAR_FILE,
     BLOCK_MAP_FILE,
+    BLOCK_SCORES_FILE,
     DEFAULT_METRIC,
     GATES_HEATMAP_FILE,
     META_FILE,
@@ -36,7 +38,8 @@ from ..results import (
     Mode,
     infer_mode,
 )
-from .agreement import agreement_lines, search_agreements
+from .agreement import agreement_lines, block_values, search_agreements
+from .block_scores import BlockScores, block_score_rows, block_scores, plot_block_scores
 from .compute import FLOPS_COLUMN, finetune_equivalents, finetune_units, has_flops
 from .export import DEFAULT_LAYERS_PATTERN, DEFAULT_TARGET_MODULES, export_best
 from .floor_rows import FLOOR_COLUMNS, floor_warning
@@ -68,6 +71,8 @@ __all__ = [
     "BEST_SELECTION_FILE",
     "BEST_SO_FAR_FILE",
     "BLOCK_MAP_FILE",
+    "BLOCK_SCORES_FILE",
+    "BlockScores",
     "DEFAULT_LAYERS_PATTERN",
     "DEFAULT_METRIC",
     "DEFAULT_REFERENCE",
@@ -90,6 +95,9 @@ __all__ = [
     "NoSuccessfulTrialError",
     "agreement_lines",
     "best_per_seed",
+    "block_score_rows",
+    "block_scores",
+    "block_values",
     "best_so_far_axis",
     "best_selection",
     "export_best",
@@ -106,6 +114,7 @@ __all__ = [
     "paired_verdicts",
     "plot_best_so_far",
     "plot_block_map",
+    "plot_block_scores",
     "plot_gate_heatmap",
     "read_trials",
     "search_agreements",

@@ -25,16 +25,20 @@ SEARCH_STAGE = "search"
 UNFINISHED: tuple[str, ...] = (ERROR_STATUS, "EARLY_STOPPED")
 
 
-def _alpha(value: Any, num_blocks: int) -> list[float] | None:
-    """An ``alpha`` cell (JSON list) as floats, or None when missing, unreadable or of the wrong length."""
-    if isinstance(value, str) and value.strip().startswith("["):
-        try:
+def block_values(value: Any, num_blocks: int) -> list[float] | None:
+    """A per-block cell of the trials table (a search's ``alpha``, a probe's ``probe_scores``: a JSON list as
+    written to trials.csv, or a list, tuple or array) as floats, or None when missing, unreadable, of the wrong
+    length or not finite."""
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        value = value.tolist()
+    try:
+        if isinstance(value, str) and value.strip().startswith("["):
             values = [float(v) for v in json.loads(value)]
-        except (json.JSONDecodeError, TypeError, ValueError):
+        elif isinstance(value, list | tuple):
+            values = [float(v) for v in value]
+        else:
             return None
-    elif isinstance(value, list | tuple):
-        values = [float(v) for v in value]
-    else:
+    except (json.JSONDecodeError, TypeError, ValueError):
         return None
     return values if len(values) == num_blocks and all(math.isfinite(v) for v in values) else None
 
@@ -75,7 +79,7 @@ def search_agreements(trials: pd.DataFrame, k: int | None = None, draws: int = D
         if len(rows) < 2 or len(totals) != 1:
             continue
         total = int(totals[0])
-        alphas = [_alpha(v, total) for v in rows["alpha"]] if "alpha" in rows.columns else []
+        alphas = [block_values(v, total) for v in rows["alpha"]] if "alpha" in rows.columns else []
         full = alphas if alphas and all(a is not None for a in alphas) else None
         out[str(strategy)] = search_agreement(list(rows["_blocks"]), total, full, k, _separations(rows), draws, seed)
     return out

@@ -41,7 +41,8 @@ def strategy_colors(strategies: Iterable[str]) -> dict[str, str]:
     return colors
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float) -> Any:
+    """An Agg-backed matplotlib `Figure` of `width` x `height` inches with a constrained layout (no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -50,7 +51,8 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` (creating its folder) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=120)
@@ -118,7 +120,7 @@ def plot_best_so_far(
     df = prepare_trials(trials, metric)
     df["_x"], xlabel = best_so_far_axis(df)
     colors = strategy_colors(df["strategy"])
-    fig = _figure(8.0, 5.0)
+    fig = new_figure(8.0, 5.0)
     ax = fig.add_subplot()
     for strategy, group in df.groupby("strategy", sort=True):
         curves = [_best_so_far_steps(g, metric, mode) for _, g in group.groupby("seed", sort=True)]
@@ -146,7 +148,7 @@ def plot_best_so_far(
     ax.set_xlim(left=0)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right" if mode == "max" else "upper right", fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def gates_from_alpha(alpha: Sequence[float] | Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
@@ -195,7 +197,7 @@ def plot_gate_heatmap(
     norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=vmax)
     ncols = min(len(panels), 2)
     nrows = math.ceil(len(panels) / ncols)
-    fig = _figure(5.5 * ncols + 1.0, 3.6 * nrows)
+    fig = new_figure(5.5 * ncols + 1.0, 3.6 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     mesh = None
     for ax, (trial_id, record, steps, gates) in zip(axes.flat, panels, strict=False):
@@ -204,15 +206,16 @@ def plot_gate_heatmap(
                      fontsize="medium")
         ax.set_xlabel("search step")
         ax.set_ylabel("block")
-        ax.set_yticks(_block_ticks(gates.shape[0]))
+        ax.set_yticks(block_ticks(gates.shape[0]))
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.colorbar(mesh, ax=axes, label="gate g = L·softmax(α)  (1 = uniform)")
     fig.suptitle("Flexora gates per block during search")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _block_ticks(num_blocks: int) -> list[int]:
+def block_ticks(num_blocks: int) -> list[int]:
+    """Block indices to label on an axis of `num_blocks` blocks: every one, or every n-th for at most 16."""
     step = max(1, math.ceil(num_blocks / 16))
     return list(range(0, num_blocks, step))
 
@@ -237,14 +240,14 @@ def plot_block_map(
             if 0 <= b < total:
                 image[i, b] = to_rgb(colors[row.strategy])
     winner = _winner_index(per_seed, mode)
-    fig = _figure(max(7.0, 3.5 + 0.3 * total), 1.6 + 0.32 * len(per_seed))
+    fig = new_figure(max(7.0, 3.5 + 0.3 * total), 1.6 + 0.32 * len(per_seed))
     ax = fig.add_subplot()
     ax.imshow(image, aspect="auto", interpolation="nearest")
     ax.set_xticks(np.arange(-0.5, total), minor=True)
     ax.set_yticks(np.arange(-0.5, len(per_seed)), minor=True)
     ax.grid(which="minor", color="#cccccc", lw=0.6)
     ax.tick_params(which="minor", length=0)
-    ax.set_xticks(_block_ticks(total))
+    ax.set_xticks(block_ticks(total))
     labels = [f"{'★ ' if i == winner else ''}{r.strategy} · seed {r.seed}" for i, r in enumerate(per_seed.itertuples())]
     ax.set_yticks(range(len(per_seed)), labels)
     for i, row in enumerate(per_seed.itertuples(index=False)):
@@ -254,7 +257,7 @@ def plot_block_map(
                 fontsize="small", fontweight="bold")
     ax.set_xlabel("block index")
     ax.set_title(f"Blocks with LoRA in each seed's best trial\n(chosen by {metric}; ★ = overall best)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _by_strategy_rank(per_seed: pd.DataFrame, mode: Mode) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from ..floors import read_floors
 from ..results import (
     BEST_SO_FAR_FILE,
     BLOCK_MAP_FILE,
+    BLOCK_SCORES_FILE,
     DEFAULT_METRIC,
     GATES_HEATMAP_FILE,
     META_FILE,
@@ -25,6 +26,7 @@ from ..results import (
     infer_mode,
 )
 from .agreement import agreement_lines, agreement_note, search_agreements, write_agreement
+from .block_scores import plot_block_scores
 from .compute import UNIT_FROM_ALL, finetune_units, has_flops, units_note
 from .export import export_best
 from .floor_rows import floor_warning
@@ -63,10 +65,12 @@ def write_report(
     to meta's ``"metric"``, else ``val_accuracy``; it must be a validation metric (``val_*``) column of the
     table, else a `ValueError` naming the valid choices is raised before anything is written. Writes
     ``summary.csv``, ``summary.md``, ``best_so_far.png``, ``block_map.png``, ``gates_heatmap.png`` (only with
-    trajectories), ``best_selection.json`` and ``best_lora_config/adapter_config.json`` (only when some
-    fine-tune succeeded; target modules and layers pattern from meta, else q_proj/v_proj and "layers" with a
-    warning). Returns the paths written, keyed by artefact name. `mode` defaults to meta's ``"mode"`` when meta's
-    metric is the one used, else to ``min`` for losses and ``max`` otherwise.
+    trajectories), ``block_scores.png`` (only when search or probe trials have per-block scores, their final
+    alpha or ``probe_scores``: `block_scores.plot_block_scores`; else a stale one is removed),
+    ``best_selection.json`` and ``best_lora_config/adapter_config.json`` (only when some fine-tune succeeded;
+    target modules and layers pattern from meta, else q_proj/v_proj and "layers" with a warning). Returns the
+    paths written, keyed by artefact name. `mode` defaults to meta's ``"mode"`` when meta's metric is the one
+    used, else to ``min`` for losses and ``max`` otherwise.
 
     `reference` (default: meta's ``"reference"``, else ``all``) is the strategy every other one is compared with,
     seed by seed, in the summary's paired columns; a reference that was not run is said in the summary (and
@@ -106,6 +110,11 @@ def write_report(
         if heatmap is not None:
             paths["gates_heatmap"] = heatmap
     paths["block_map"] = plot_block_map(trials, out / BLOCK_MAP_FILE, metric, mode)
+    scores = plot_block_scores(trials, out / BLOCK_SCORES_FILE)
+    if scores is not None:
+        paths["block_scores"] = scores
+    else:
+        (out / BLOCK_SCORES_FILE).unlink(missing_ok=True)  # a stale figure would show trials no longer in the table
     try:
         best: tuple[BlockSelection, pd.Series] | None = best_selection(trials, metric, mode)
     except NoSuccessfulTrialError as exc:

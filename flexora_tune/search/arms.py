@@ -23,6 +23,8 @@ ARM_STRATEGIES = ("flexora", "random", "tpe", "all", "first-k", "last-k", "lora-
 PROBE_STRATEGIES = ("lora-norm", "grad-norm")
 #: Strategies whose searcher takes a subset size k.
 SIZED = ("random", "tpe", "first-k", "last-k", *PROBE_STRATEGIES)
+#: Seed step between the searches of one Flexora arm (`search_seeds`).
+SEARCH_SEED_STRIDE = 1000
 _STATIC_RULES = {"all": "all", "first-k": "first", "last-k": "last"}
 
 
@@ -45,11 +47,17 @@ def planned_finetunes(strategy: str, trials: int) -> int:
     return 1 if strategy in _STATIC_RULES else trials
 
 
-def planned_arm_trials(strategy: str, trials: int) -> int:
-    """Trials per seed of `strategy`'s arm: its fine-tunes (`planned_finetunes`), plus the search or probe trial
-    that sizes them (Flexora, lora-norm, grad-norm)."""
-    ranked = strategy == "flexora" or strategy in PROBE_STRATEGIES
-    return planned_finetunes(strategy, trials) + (1 if ranked else 0)
+def planned_arm_trials(strategy: str, trials: int, searches: int = 1) -> int:
+    """Trials per seed of `strategy`'s arm: its fine-tunes (`planned_finetunes`), plus the trials that size them
+    (Flexora: its `searches`; lora-norm, grad-norm: one probe)."""
+    sizing = searches if strategy == "flexora" else 1 if strategy in PROBE_STRATEGIES else 0
+    return planned_finetunes(strategy, trials) + sizing
+
+
+def search_seeds(seed: int, searches: int) -> list[int]:
+    """The search seeds of seed `seed`'s Flexora arm: `seed`, then `seed` + 1000, + 2000, ... (distinct from
+    every other arm's for any comparison of fewer than 1000 seeds, so no two searches repeat each other)."""
+    return [seed + SEARCH_SEED_STRIDE * i for i in range(searches)]
 
 
 def comparison_arms(
@@ -61,17 +69,20 @@ def comparison_arms(
     mode: str,
     num_blocks: int,
     k: int | None = None,
+    searches: int = 1,
 ) -> dict[str, Searcher | Deferred]:
     """One arm per (seed, strategy), named by `arm_name`, for `multiplex.ArmsSearcher`:
 
-    - ``flexora``: its search, then `trials` distinct fine-tunes (``FlexoraSearcher(finetunes=trials)``);
+    - ``flexora``: its `searches` searches (`search_seeds`), then `trials` distinct fine-tunes, the searches'
+      consensus first when there are several (``FlexoraSearcher(finetunes=trials)``);
     - ``random`` / ``tpe``: `trials` distinct subsets of exactly k blocks (TPE: its small-budget sampler);
     - ``lora-norm`` / ``grad-norm``: one probe trial, then `trials` distinct fine-tunes: its top-k blocks, then
       the nearest subsets by its scores (`probe.ProbeSearcher`);
     - ``first-k`` / ``last-k`` / ``all``: the rule's one fine-tune.
 
     k is `k`, else the size Flexora selects for that seed (a `Deferred` arm, released by the search; half the
-    blocks if that search fails), else half the blocks when Flexora is not compared. Every arm fine-tunes with
+    blocks if that search fails; its first search when there are several), else half the blocks when Flexora is
+    not compared. Every arm fine-tunes with
     its seed, so seed s of every strategy sees the same data order.
     """
     strategies = list(strategies)
@@ -80,29 +91,33 @@ def comparison_arms(
         raise ValueError(f"unknown strategies {unknown or '(none given)'}; choose from {', '.join(ARM_STRATEGIES)}")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
+    if isinstance(searches, bool) or not isinstance(searches, int) or not 1 <= searches < SEARCH_SEED_STRIDE:
+        raise ValueError(f"searches must be an int in 1..{SEARCH_SEED_STRIDE - 1}, got {searches!r}")
     half = max(1, num_blocks // 2)
     arms: dict[str, Searcher | Deferred] = {}
     for seed in (range(seeds) if isinstance(seeds, int) else seeds):
         flexora = arm_name("flexora", seed)
         for strategy in sorted(strategies, key=lambda s: s != "flexora"):
             name = arm_name(strategy, seed)
-            factory = _factory(strategy, seed, trials, metric, mode, num_blocks)
+            factory = _factory(strategy, seed, trials, metric, mode, num_blocks, searches)
             if strategy not in SIZED:
                 arms[name] = factory()
             elif k is not None:
                 arms[name] = factory(k=k)
             elif "flexora" in strategies:
                 arms[name] = Deferred(factory, after=flexora, fallback_k=half,
-                                      planned_trials=planned_arm_trials(strategy, trials))
+                                      planned_trials=planned_arm_trials(strategy, trials, searches))
             else:
                 arms[name] = factory(k=half)
     return arms
 
 
-def _factory(strategy: str, seed: int, trials: int, metric: str, mode: str, num_blocks: int) -> Any:
+def _factory(strategy: str, seed: int, trials: int, metric: str, mode: str, num_blocks: int,
+             searches: int = 1) -> Any:
     """A picklable constructor of `strategy`'s searcher for `seed` (taking ``k=`` when the strategy is sized)."""
     if strategy == "flexora":
-        return partial(FlexoraSearcher, metric, mode, search_seeds=[seed], finetune_seeds=[seed], finetunes=trials)
+        return partial(FlexoraSearcher, metric, mode, search_seeds=search_seeds(seed, searches),
+                       finetune_seeds=[seed], finetunes=trials)
     if strategy == "random":
         return partial(RandomLayerSearcher, metric, mode, seed=seed, trial_seed=seed, max_trials=trials,
                        num_blocks=num_blocks)

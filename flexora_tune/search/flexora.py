@@ -58,7 +58,8 @@ class FlexoraSearcher(LayerSearcher):
     Tune's result checks), since the selection comes from the searches themselves.
 
     With `finetunes` = T (instead of `neighbours`), exactly T distinct subsets are fine-tuned per fine-tune seed
-    (a comparison's equal arms): the selections and consensus as above, then the nearest neighbours by mean
+    (a comparison's equal arms): the consensus first when there are several searches (it pools their evidence,
+    so with T = 1 it is the one fine-tuned), then each search's selection, then the nearest neighbours by mean
     alpha (top-(k-1), top-(k+1), top-(k-2), ...; sizes outside 1..L skipped), then the next-best subsets by
     alpha (`neighbours.alpha_neighbours`); fewer only when the model has fewer than T non-empty subsets.
     `planned_trials` is then the searches plus T per fine-tune seed.
@@ -253,7 +254,7 @@ class FlexoraSearcher(LayerSearcher):
         base = [(f"search{s}", tuple(r["blocks"])) for s, r in found]
         agreed = consensus([b for _, b in base])
         if len(base) > 1:
-            base.append(("consensus", agreed))
+            base.insert(0, ("consensus", agreed))
         alphas = [r["alpha"] for _, r in found if len(r["alpha"]) == total]
         mean = [sum(a[i] for a in alphas) / len(alphas) for i in range(total)] if alphas else None
         started = [(v, b) for v, b in self._plan or []
