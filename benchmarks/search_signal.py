@@ -1,9 +1,6 @@
 """Does Flexora's search find signal? Its default against cheap ways to get more signal per FLOP, several seeds.
 
-Every variant runs as one `flexora_tune.compare.compare` of `flexora` and `random` (k = that seed's Flexora
-size) with one fine-tune per seed; the all-blocks fine-tunes (the compute unit and the second reference) come
-from a `--baseline` comparison with the same task, settings and seeds (or from this script's `default` run,
-which then adds `all`). Variants:
+Variants (search settings over the defaults):
 
 - ``default``: the default search (12 steps in the small-data regime, 1 search-validation batch per gate step,
   alpha_lr 0.01, stop-when-stable 4);
@@ -12,17 +9,25 @@ which then adds `all`). Variants:
 - ``long-36``: up to 36 steps, still ended by stop-when-stable;
 - ``consensus-3``: three default searches per seed (seeds s, s + 1000, s + 2000), their majority vote.
 
-Per variant: the agreement across seeds of the subset each seed fine-tunes (mean pairwise Jaccard against
+Phase 1, every variant: its searches, run in this process through the same trial config the Tune trainable
+parses (results cached under `--out`; the default variant's seeds come from `--baseline` when given). Per
+variant: the agreement across seeds of the subset each seed would fine-tune (mean pairwise Jaccard against
 random subsets of the same sizes, permutation p-value, `flexora_tune.stability.agreement_test`), alpha's
-separation, the paired test- and validation-accuracy difference of that fine-tune against random-k and
-against all blocks (mean, 95% t interval over seeds, verdict) and the pipeline's compute (searches plus the
-fine-tune) in fine-tune equivalents (FLOPs over the seed's all-blocks fine-tune).
+separation, and the compute in fine-tune equivalents (FLOPs over one all-blocks fine-tune): the searches, and
+the pipeline (searches plus the fine-tune of the selection, `flexora_tune.finetune.finetune_flops`, exact).
 
-    .venv/bin/python benchmarks/search_signal.py --seeds 5 --cpus-per-trial 1 --max-length 48 --val-size 150 \\
+Phase 2, for the variants in `--finetune` (default ``auto``: the cheapest that qualifies, i.e. agreement
+p < 0.05 and a pipeline of at most 1.5 fine-tune equivalents on every seed): one
+`flexora_tune.compare.compare` of ``flexora`` and ``random`` (k = that seed's Flexora size), one fine-tune per
+seed, and the paired test- and validation-accuracy differences against random-k and against all blocks (the
+all-blocks fine-tunes of `--baseline`, a comparison of flexora, random and all with the same task, settings
+and seeds; its flexora and random rows are the default variant's phase 2).
+
+    .venv/bin/python benchmarks/search_signal.py --seeds 5 --cpus-per-trial 2 --max-length 48 --val-size 150 \\
         --test-size 300 --set max_train_examples=96 --set epochs=5 --set lr=5e-3 --set eval_every=1000000 \\
-        --baseline results/qpc5
-    .venv/bin/python benchmarks/search_signal.py --model tiny --seeds 3 --variants default,alpha-lr-5x \\
-        --max-length 32 --set max_steps=6 --set lr=0.01 --set search.steps=4   # a smoke test, minutes
+        --baseline benchmarks/results/quality_per_compute
+    .venv/bin/python benchmarks/search_signal.py --model tiny --seeds 3 --variants default,consensus-3 \\
+        --finetune consensus-3 --max-length 32 --set max_steps=6 --set lr=0.01 --set search.steps=4  # minutes
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from _common import (  # noqa: E402
     write_csv,
     write_json,
 )
-from quality_per_compute import _tiny, build_settings, parse_setting  # noqa: E402
+from quality_per_compute import _tiny, build_settings, parse_setting, pd_numeric  # noqa: E402
 
 #: name -> (search settings over the defaults, searches per seed)
 VARIANTS: dict[str, tuple[dict[str, Any], int]] = {
@@ -61,7 +66,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], int]] = {
 #: A variant qualifies as a default when its selections agree beyond chance and its pipeline stays this cheap.
 MAX_PIPELINE_FT = 1.5
 SIGNIFICANCE = 0.05
-METRIC, MODE = "val_accuracy", "max"
+MODE = "max"
+SEED_STRIDE = 1000
 
 
 def _finished(out: Path) -> bool:
@@ -69,40 +75,114 @@ def _finished(out: Path) -> bool:
     return done.exists() and "comparison" in json.loads(done.read_text())
 
 
-def _check_baseline(baseline: Path, model: str, task: Any, settings: dict[str, Any], seeds: int) -> None:
-    """Refuse a baseline that ran another model, task, settings or seeds: its all-blocks fine-tunes would not
-    pair with this run's."""
+def _check_baseline(baseline: Path, task: Any, settings: dict[str, Any], seeds: int) -> None:
+    """Refuse a baseline that ran another task, settings or fewer seeds: its fine-tunes would not pair."""
     meta = json.loads((baseline / "meta.json").read_text())
-    wanted = {"task": task, "settings": settings}
+    wanted = json.loads(json.dumps({"task": task, "settings": settings}, default=str))
     got = {"task": meta.get("task"), "settings": meta.get("settings")}
-    if json.loads(json.dumps(wanted, default=str)) != got or meta.get("seeds", 0) < seeds:
+    if wanted != got or meta.get("seeds", 0) < seeds:
         raise SystemExit(f"--baseline {baseline} ran {got} with {meta.get('seeds')} seeds, not {wanted} with {seeds}")
     if not {"flexora", "random", "all"} <= set(meta.get("strategies", [])):
         raise SystemExit(f"--baseline {baseline} must have run flexora, random and all")
-    if Path(str(meta.get("model"))).name != Path(model).name and meta.get("model") != model:
-        raise SystemExit(f"--baseline {baseline} ran model {meta.get('model')}, not {model}")
 
 
-def run_variant(name: str, out: Path, model: str, task: Any, settings: dict[str, Any], seeds: int,
-                cpus_per_trial: float, with_all: bool, storage: str | None) -> Any:
-    """The variant's comparison (flexora and random, plus all when `with_all`), or its finished results."""
+def _settings(settings: dict[str, Any], variant: str) -> dict[str, Any]:
+    merged = json.loads(json.dumps(settings))
+    merged.setdefault("search", {}).update(VARIANTS[variant][0])
+    if not merged["search"]:
+        del merged["search"]
+    return merged
+
+
+def search_record(model: str, task: Any, settings: dict[str, Any], seed: int, cache: Path) -> dict[str, Any]:
+    """One search's blocks, alpha, FLOPs and separation, run as a Tune search trial would run it (the same
+    config parsing), cached in `cache` (a JSON file per search)."""
+    path = cache / f"seed{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from flexora_tune.flexora import search_layers
+    from flexora_tune.tune_trainable import parse_config
+
+    trial = parse_config({"model": model, "task": task, "seed": seed, "stage": "search", **settings})
+    result = search_layers(trial.model, trial.task, trial.seed, finetune=dict(trial.finetune_settings),
+                           **trial.settings)
+    record = {"seed": seed, "blocks": list(result.blocks), "alpha": list(result.alpha), "flops": result.flops,
+              "alpha_separation": result.alpha_separation, "steps": result.steps, "compute_s": result.compute_s,
+              "num_blocks_total": result.num_blocks_total}
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    print(f"[search_signal] search seed {seed} {settings.get('search', {})}: blocks {record['blocks']} "
+          f"({result.steps} steps, {result.compute_s:.0f}s)", flush=True)
+    return record
+
+
+def _baseline_searches(base: Any) -> dict[int, dict[str, Any]]:
+    from flexora_tune.blocks import parse_blocks
+
+    rows = base[(base["strategy"] == "flexora") & (base["stage"] == "search")]
+    separation = pd_numeric(rows["alpha_separation"]) if "alpha_separation" in rows.columns else None
+    return {int(r.seed): {"seed": int(r.seed), "blocks": list(parse_blocks(r.blocks)), "flops": float(r.flops),
+                          "alpha_separation": None if separation is None or math.isnan(separation.iloc[i])
+                          else float(separation.iloc[i]), "num_blocks_total": int(r.num_blocks_total)}
+            for i, r in enumerate(rows.itertuples(index=False))}
+
+
+def phase1(variant: str, model: str, task: Any, settings: dict[str, Any], seeds: int, out: Path,
+           reused: dict[int, dict[str, Any]], unit: float) -> dict[str, Any]:
+    """A variant's searches on every seed: agreement of the selections it would fine-tune, separation, cost."""
+    from flexora_tune.finetune import finetune_flops
+    from flexora_tune.search.flexora import consensus
+    from flexora_tune.stability import agreement_test
+    from flexora_tune.tune_trainable import parse_config
+
+    merged, searches = _settings(settings, variant), VARIANTS[variant][1]
+    cache = out / "searches" / variant
+    chosen, search_ft, pipeline, separations = [], [], [], []
+    for seed in range(seeds):
+        records = []
+        for i in range(searches):
+            search_seed = seed + SEED_STRIDE * i
+            default_settings = not VARIANTS[variant][0]
+            if default_settings and search_seed in reused:
+                records.append(reused[search_seed])
+            else:
+                records.append(search_record(model, task, merged, search_seed, cache))
+        blocks = consensus([r["blocks"] for r in records]) if searches > 1 else tuple(records[0]["blocks"])
+        ft = parse_config({"model": model, "task": task, "seed": seed, "blocks": list(blocks), **merged},
+                          num_blocks=records[0]["num_blocks_total"])
+        tune_flops = finetune_flops(model, task, list(blocks), seed, **ft.settings)
+        spent = sum(r["flops"] for r in records) / unit
+        chosen.append(blocks)
+        search_ft.append(spent)
+        pipeline.append(spent + tune_flops / unit)
+        separations += [r["alpha_separation"] for r in records if r.get("alpha_separation") is not None]
+    test = agreement_test(chosen, records[0]["num_blocks_total"])
+    row = {"variant": variant, "seeds": seeds, "searches_per_seed": searches,
+           "k_mean": sum(map(len, chosen)) / len(chosen), "jaccard": test.observed,
+           "jaccard_random": test.expected, "p_value": test.p_value,
+           "separation_mean": sum(separations) / len(separations) if separations else math.nan,
+           "search_ft_mean": sum(search_ft) / seeds, "pipeline_ft_mean": sum(pipeline) / seeds,
+           "pipeline_ft_max": max(pipeline), "selections": "; ".join(",".join(map(str, b)) for b in chosen)}
+    row["qualifies"] = bool(row["p_value"] < SIGNIFICANCE and row["pipeline_ft_max"] <= MAX_PIPELINE_FT)
+    print(f"[search_signal] {variant}: Jaccard {fmt(row['jaccard'], 3)} vs {fmt(row['jaccard_random'], 3)} "
+          f"p {fmt(row['p_value'], 3)}; pipeline {fmt(row['pipeline_ft_mean'], 2)} ft (max "
+          f"{fmt(row['pipeline_ft_max'], 2)}); qualifies: {row['qualifies']}", flush=True)
+    return row
+
+
+def run_variant(variant: str, out: Path, model: str, task: Any, settings: dict[str, Any], seeds: int,
+                cpus_per_trial: float, storage: str | None) -> Any:
+    """Phase 2: the variant's comparison of flexora and random (one fine-tune per seed), or its finished
+    results."""
     from flexora_tune.compare import compare
     from flexora_tune.report import read_trials
 
     if _finished(out):
-        print(f"[search_signal] {name}: finished earlier, reading {out}", flush=True)
+        print(f"[search_signal] {variant}: fine-tunes finished earlier, reading {out}", flush=True)
         return read_trials(out)
-    overrides, searches = VARIANTS[name]
-    merged = json.loads(json.dumps(settings))
-    merged.setdefault("search", {}).update(overrides)
-    if not merged["search"]:
-        del merged["search"]
-    strategies = ("flexora", "random", "all") if with_all else ("flexora", "random")
-    print(f"[search_signal] {name}: {strategies}, {seeds} seeds, {searches} search(es) per seed, "
-          f"search settings {merged.get('search', {})}", flush=True)
-    return compare(out=out, model=model, task=task, strategies=strategies, seeds=seeds, trials=1,
-                   searches=searches, settings=merged, cpus_per_trial=cpus_per_trial, reference="random",
-                   storage_path=storage)
+    return compare(out=out, model=model, task=task, strategies=("flexora", "random"), seeds=seeds, trials=1,
+                   searches=VARIANTS[variant][1], settings=_settings(settings, variant),
+                   cpus_per_trial=cpus_per_trial, reference="random", storage_path=storage)
 
 
 def _paired(diffs: list[float]) -> dict[str, Any]:
@@ -113,38 +193,20 @@ def _paired(diffs: list[float]) -> dict[str, Any]:
     return {"mean": mean, "lo": lo, "hi": hi, "n": n, "verdict": verdict(lo, hi, n, MODE)}
 
 
-def analyse(name: str, trials: Any, all_rows: Any, seeds: int) -> dict[str, Any]:
-    """One variant's stability, separation, compute and paired differences (see the module docstring)."""
+def phase2(variant: str, trials: Any, all_rows: Any, seeds: int) -> dict[str, Any]:
+    """The variant's fine-tunes: Flexora's test accuracy and its paired differences from random-k and all."""
     import pandas as pd
 
-    from flexora_tune.blocks import parse_blocks
-    from flexora_tune.report import finetune_equivalents
-    from flexora_tune.stability import agreement_test
-
-    frame = pd.concat([trials[trials["strategy"] != "all"], all_rows], ignore_index=True)
+    frame = pd.concat([trials[trials["strategy"].isin(["flexora", "random"])], all_rows], ignore_index=True)
     frame = frame[pd.to_numeric(frame["seed"], errors="coerce") < seeds]
-    frame = frame.assign(ft=finetune_equivalents(frame))
     finetunes = frame[(frame["stage"] == "finetune") & (frame["status"] != "ERROR")]
     first = finetunes.sort_values("start_time", kind="stable").groupby(["strategy", "seed"]).head(1)
     chosen = {(r.strategy, int(r.seed)): r for r in first.itertuples(index=False)}
     flexora = sorted(s for (strategy, s) in chosen if strategy == "flexora")
-    subsets = [parse_blocks(chosen[("flexora", s)].blocks) for s in flexora]
-    total = int(pd.to_numeric(frame["num_blocks_total"], errors="coerce").dropna().iloc[0])
-    test = agreement_test(subsets, total) if len(subsets) >= 2 else None
-    searches = frame[(frame["strategy"] == "flexora") & (frame["stage"] == "search")]
-    separation = pd.to_numeric(searches.get("alpha_separation"), errors="coerce")
-    pipeline = frame[frame["strategy"] == "flexora"].groupby("seed")["ft"].sum()
-    search_ft = searches.groupby("seed")["ft"].sum()
     row: dict[str, Any] = {
-        "variant": name, "seeds": len(flexora), "searches": len(searches),
-        "k_mean": sum(map(len, subsets)) / len(subsets) if subsets else math.nan,
-        "jaccard": test.observed if test else math.nan, "jaccard_random": test.expected if test else math.nan,
-        "p_value": test.p_value if test else math.nan,
-        "separation_mean": float(separation.mean()) if separation.notna().any() else math.nan,
-        "search_ft_mean": float(search_ft.mean()) if len(search_ft) else math.nan,
-        "pipeline_ft_mean": float(pipeline.mean()) if len(pipeline) else math.nan,
-        "pipeline_ft_max": float(pipeline.max()) if len(pipeline) else math.nan,
+        "variant": variant, "finetuned_seeds": len(flexora),
         "flexora_test_mean": float(pd.Series([chosen[("flexora", s)].test_accuracy for s in flexora]).mean()),
+        "finetuned_selections": "; ".join(str(chosen[("flexora", s)].blocks) for s in flexora),
     }
     for reference in ("random", "all"):
         for metric, column in (("test", "test_accuracy"), ("val", "val_accuracy")):
@@ -152,45 +214,59 @@ def analyse(name: str, trials: Any, all_rows: Any, seeds: int) -> dict[str, Any]
                      for s in flexora if (reference, s) in chosen]
             for key, value in _paired(diffs).items():
                 row[f"{metric}_vs_{reference}_{key}"] = value
-    row["qualifies"] = bool(test and test.p_value < SIGNIFICANCE and row["pipeline_ft_max"] <= MAX_PIPELINE_FT)
-    row["selections"] = "; ".join(",".join(map(str, s)) for s in subsets)
     return row
+
+
+def _subsets(text: str) -> list[frozenset[int]]:
+    from flexora_tune.blocks import parse_blocks
+
+    return [frozenset(parse_blocks(part.strip()) or ()) for part in text.split(";") if part.strip()]
 
 
 def _diff(row: dict[str, Any], metric: str, reference: str) -> str:
     p = f"{metric}_vs_{reference}_"
-    if not row[p + "n"]:
+    if not row.get(p + "n"):
         return "-"
-    return (f"{row[p + 'mean']:+.3f} [{fmt(row[p + 'lo'], 3)}, {fmt(row[p + 'hi'], 3)}] {row[p + 'verdict']}")
+    return f"{row[p + 'mean']:+.3f} [{fmt(row[p + 'lo'], 3)}, {fmt(row[p + 'hi'], 3)}] {row[p + 'verdict']}"
 
 
-def write_markdown(path: Path, rows: list[dict[str, Any]], info: dict[str, Any], command: str,
-                   load: dict[str, float], args: argparse.Namespace, out: Path) -> None:
-    table = [[r["variant"], r["seeds"], fmt(r["k_mean"], 3),
-              f"{fmt(r['jaccard'], 3)} vs {fmt(r['jaccard_random'], 3)}", fmt(r["p_value"], 3),
-              fmt(r["separation_mean"], 3), fmt(r["search_ft_mean"], 3),
-              f"{fmt(r['pipeline_ft_mean'], 3)} (max {fmt(r['pipeline_ft_max'], 3)})", fmt(r["flexora_test_mean"], 3),
-              _diff(r, "test", "random"), _diff(r, "test", "all"), _diff(r, "val", "random"), _diff(r, "val", "all"),
-              "yes" if r["qualifies"] else "no"] for r in rows]
-    text = header_markdown("Search signal: does the default search find blocks that agree across seeds?", info,
-                           command, load)
+def write_markdown(path: Path, rows: list[dict[str, Any]], tuned: list[dict[str, Any]], info: dict[str, Any],
+                   command: str, load: dict[str, float], args: argparse.Namespace, out: Path) -> None:
+    text = header_markdown("Search signal: do the selections agree across seeds beyond chance?", info, command,
+                           load)
     text += (
         f"- Model `{args.model}`, task `{args.task}`; {args.seeds} seeds; settings "
-        f"`{json.dumps(build_settings(args.set or []))}`; comparisons under `{out}`\n\n"
-        "Per variant, over seeds: *k* the mean size of the subset Flexora fine-tunes (for consensus-3 the majority "
-        "vote of three searches); *Jaccard*: their mean pairwise Jaccard against the expectation for random "
-        "subsets of the same sizes, and the permutation p-value (10,000 draws); *separation*: alpha's spread over "
-        "what pure noise reaches in as many Adam steps (about 1: noise, 3: separated); *search ft* and *pipeline "
-        "ft*: compute of the searches, and of searches plus the fine-tune, in all-blocks fine-tunes of the same "
-        "seed (FLOPs); *Δ*: the paired difference Flexora minus random-k (same seed, same k) or minus all blocks, "
-        "mean and 95% t interval over seeds, and the verdict at 95%. *qualifies*: p < "
-        f"{SIGNIFICANCE} and a pipeline of at most {MAX_PIPELINE_FT} fine-tune equivalents on every seed.\n\n"
+        f"`{json.dumps(build_settings(args.set or []))}`; searches and comparisons under `{out}`\n\n"
+        "## Phase 1: the searches\n\nPer variant, over seeds: *k* the mean size of the subset the seed would "
+        "fine-tune (consensus-3: the majority vote of its three searches); *Jaccard*: the mean pairwise "
+        "Jaccard of those subsets against the expectation for random subsets of the same sizes, and the "
+        "permutation p-value (10,000 draws); *separation*: alpha's spread over what pure noise reaches in as many "
+        "Adam steps (about 1: noise; 3: separated); *search ft* and *pipeline ft*: compute of the searches, and "
+        "of searches plus the fine-tune of the selection, in all-blocks fine-tunes of the same seed (FLOPs, mean "
+        f"and max over seeds). *qualifies*: p < {SIGNIFICANCE} and a pipeline of at most {MAX_PIPELINE_FT} on "
+        "every seed.\n\n"
     )
-    text += markdown_table(["variant", "seeds", "k", "Jaccard vs random", "p", "separation", "search ft",
-                            "pipeline ft", "test acc", "Δ test vs random-k", "Δ test vs all", "Δ val vs random-k",
-                            "Δ val vs all", "qualifies"], table)
-    text += "\n\nSelections per seed (blocks, seed 0 first):\n\n"
+    text += markdown_table(
+        ["variant", "searches/seed", "k", "Jaccard vs random", "p", "separation", "search ft", "pipeline ft",
+         "qualifies"],
+        [[r["variant"], r["searches_per_seed"], fmt(r["k_mean"], 1),
+          f"{fmt(r['jaccard'], 3)} vs {fmt(r['jaccard_random'], 3)}", fmt(r["p_value"], 3),
+          fmt(r["separation_mean"], 2), fmt(r["search_ft_mean"], 2),
+          f"{fmt(r['pipeline_ft_mean'], 2)} (max {fmt(r['pipeline_ft_max'], 2)})",
+          "yes" if r["qualifies"] else "no"] for r in rows])
+    text += "\n\nSubsets per seed (seed 0 first):\n\n"
     text += "\n".join(f"- {r['variant']}: {r['selections']}" for r in rows) + "\n"
+    if tuned:
+        text += ("\n## Phase 2: the fine-tunes\n\nFlexora's fine-tune of that subset, one per seed, against "
+                 "random-k (same seed, same k) and all blocks (same seed): the paired difference (Flexora minus "
+                 "the reference), mean and 95% t interval over seeds, and the verdict at 95%.\n\n")
+        text += markdown_table(
+            ["variant", "seeds", "subsets as in phase 1", "Flexora test acc", "Δ test vs random-k", "Δ test vs all",
+             "Δ val vs random-k", "Δ val vs all"],
+            [[t["variant"], t["finetuned_seeds"], "yes" if t["same_subsets_as_phase1"] else "NO",
+              fmt(t["flexora_test_mean"], 3), _diff(t, "test", "random"), _diff(t, "test", "all"),
+              _diff(t, "val", "random"), _diff(t, "val", "all")] for t in tuned])
+        text += "\n"
     path.write_text(text)
 
 
@@ -203,13 +279,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-size", type=int, default=None, help="test examples")
     parser.add_argument("--seeds", type=int, default=5, help="seeds (default 5)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated from {', '.join(VARIANTS)}")
+    parser.add_argument("--finetune", default="auto",
+                        help="variants whose selections are fine-tuned (phase 2), comma-separated; 'auto': the "
+                             "cheapest that qualifies; 'none' (phase 1 only, no --baseline needed)")
     parser.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
                         help="a trial setting (JSON value), repeatable; search.steps=4 nests")
-    parser.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs (torch threads) per trial")
+    parser.add_argument("--cpus-per-trial", type=float, default=2, help="CPUs (torch threads) per trial")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a finished compare folder with flexora, random and all on the same task, settings and "
-                             "seeds: its rows are the default variant and the all-blocks reference")
-    parser.add_argument("--out", type=Path, default=None, help="folder of the comparisons (default results/<name>)")
+                             "seeds: the default variant's searches and fine-tunes, and the all-blocks reference")
+    parser.add_argument("--out", type=Path, default=None, help="folder of the searches and comparisons "
+                        "(default results/<name>)")
     parser.add_argument("--name", default=None, help="result stem (default search_signal_<task>)")
     return parser.parse_args(argv)
 
@@ -225,42 +305,73 @@ def main(argv: list[str] | None = None) -> int:
     command, info, load = command_line(), machine_info(), LoadSampler()
     load.start()
     os.environ["FLEXORA_TUNE_COMMAND"] = command
-    from flexora_tune.report import read_trials
+    import torch
 
+    from flexora_tune.finetune import finetune_flops
+    from flexora_tune.report import read_trials
+    from flexora_tune.tune_trainable import parse_config
+
+    torch.set_num_threads(max(1, int(args.cpus_per_trial)))
     settings = build_settings(args.set or [])
-    rows = []
     with tempfile.TemporaryDirectory(prefix="flexora_signal_") as tmp:
         model, task = _tiny(Path(tmp)) if args.model == "tiny" else (args.model, args.task)
         overrides = {"max_length": args.max_length, "val_size": args.val_size, "test_size": args.test_size}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         task = {"source": task, **overrides} if overrides else task
         storage = str(Path(tmp) / "ray") if args.model == "tiny" else None
+        searches_only = args.finetune == "none"
         if args.baseline is not None:
-            _check_baseline(args.baseline.resolve(), model, task, settings, args.seeds)
+            _check_baseline(args.baseline.resolve(), task, settings, args.seeds)
             base = read_trials(args.baseline)
+        elif not searches_only:
+            base = run_baseline(out / "baseline", model, task, settings, args.seeds, args.cpus_per_trial, storage)
+        all_ft = parse_config({"model": model, "task": task, "seed": 0, **settings})
+        unit = finetune_flops(model, task, None, 0, **all_ft.settings)
+        reused = _baseline_searches(base) if args.baseline is not None or not searches_only else {}
+        rows = [phase1(v, model, task, settings, args.seeds, out, reused, unit) for v in variants]
+        tuned: list[dict[str, Any]] = []
+        if searches_only:
+            chosen = []
+        elif args.finetune == "auto":
+            qualified = sorted((r for r in rows if r["qualifies"] and r["variant"] != "default"),
+                               key=lambda r: r["pipeline_ft_mean"])
+            chosen = [qualified[0]["variant"]] if qualified else []
+            print(f"[search_signal] fine-tuning {chosen or 'no variant: none qualifies'}", flush=True)
         else:
-            first = "default" if "default" in variants else variants[0]
-            base = run_variant(first, out / first, model, task, settings, args.seeds, args.cpus_per_trial, True,
-                               storage)
-        all_rows = base[base["strategy"] == "all"]
-        for variant in variants:
-            if variant == "default" and args.baseline is not None:
-                trials = base[base["strategy"].isin(["flexora", "random"])]
-            else:
+            chosen = [v for v in args.finetune.split(",") if v and v != "none"]
+        if not searches_only:
+            all_rows = base[base["strategy"] == "all"]
+            tuned.append(phase2("default", base, all_rows, args.seeds))
+        for variant in chosen:
+            if variant != "default":
                 trials = run_variant(variant, out / variant, model, task, settings, args.seeds, args.cpus_per_trial,
-                                     False, storage)
-            rows.append(analyse(variant, trials, all_rows, args.seeds))
-            print(f"[search_signal] {variant}: Jaccard {fmt(rows[-1]['jaccard'], 3)} vs "
-                  f"{fmt(rows[-1]['jaccard_random'], 3)} p {fmt(rows[-1]['p_value'], 3)}; pipeline "
-                  f"{fmt(rows[-1]['pipeline_ft_mean'], 3)} ft; Δtest vs random {_diff(rows[-1], 'test', 'random')}",
-                  flush=True)
+                                     storage)
+                tuned.append(phase2(variant, trials, all_rows, args.seeds))
+        by_variant = {r["variant"]: r for r in rows}
+        for t in tuned:
+            planned = by_variant.get(t["variant"], {}).get("selections", "")
+            t["same_subsets_as_phase1"] = _subsets(planned) == _subsets(t["finetuned_selections"])
     load.stop()
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_csv(RESULTS / f"{name}.csv", rows)
-    write_json(RESULTS / f"{name}.json", {"command": command, "machine": info, "load": load.summary(), "rows": rows})
-    write_markdown(RESULTS / f"{name}.md", rows, info, command, load.summary(), args, out)
+    write_csv(RESULTS / f"{name}_finetunes.csv", tuned)
+    write_json(RESULTS / f"{name}.json", {"command": command, "machine": info, "load": load.summary(),
+                                          "searches": rows, "finetunes": tuned})
+    write_markdown(RESULTS / f"{name}.md", rows, tuned, info, command, load.summary(), args, out)
     print(f"[search_signal] wrote {RESULTS / name}.md", flush=True)
     return 0
+
+
+def run_baseline(out: Path, model: str, task: Any, settings: dict[str, Any], seeds: int, cpus_per_trial: float,
+                 storage: str | None) -> Any:
+    """Without `--baseline`: flexora, random and all with the default search (the reference rows)."""
+    from flexora_tune.compare import compare
+    from flexora_tune.report import read_trials
+
+    if _finished(out):
+        return read_trials(out)
+    return compare(out=out, model=model, task=task, strategies=("flexora", "random", "all"), seeds=seeds, trials=1,
+                   settings=settings, cpus_per_trial=cpus_per_trial, storage_path=storage)
 
 
 if __name__ == "__main__":

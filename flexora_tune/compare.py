@@ -358,11 +358,12 @@ def _meta(cfg: CompareConfig, layout: BlockLayout, model: str, task: str | Mappi
     meta = {
         "model": model, "task": task, "metric": cfg.metric, "mode": cfg.mode,
         "strategies": list(cfg.strategies), "reference": cfg.reference,
-        "seeds": cfg.seeds, "trials": cfg.trials, "searches": cfg.searches, "budget": cfg.budget,
-        "budget_s": cfg.budget_s,
+        "seeds": cfg.seeds, "trials": cfg.trials, "budget": cfg.budget, "budget_s": cfg.budget_s,
         "num_blocks_total": layout.num_blocks, "target_modules": list(cfg.settings.get("target_modules")
                                                               or layout.target_modules),
         "layers_pattern": layout.pattern, "settings": dict(cfg.settings),
         "command": os.environ.get("FLEXORA_TUNE_COMMAND", ""),
     }
+    if cfg.searches != 1:  # only then: a comparison saved before the option existed still resumes
+        meta["searches"] = cfg.searches
     return json.loads(json.dumps(meta, default=str))
