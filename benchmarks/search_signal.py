@@ -58,11 +58,17 @@ from quality_per_compute import _tiny, build_settings, parse_setting, pd_numeric
 #: name -> (search settings over the defaults, searches per seed)
 VARIANTS: dict[str, tuple[dict[str, Any], int]] = {
     "default": ({}, 1),
-    "val-batches-4": ({"val_batches": 4}, 1),
     "alpha-lr-5x": ({"alpha_lr": 0.05}, 1),
+    "val-batches-2": ({"val_batches": 2}, 1),
+    "val-batches-4": ({"val_batches": 4}, 1),
+    "long-18": ({"steps": 18}, 1),
     "long-36": ({"steps": 36}, 1),
     "consensus-3": ({}, 3),
 }
+#: What runs without --variants: the default and the variants whose pipeline can stay within MAX_PIPELINE_FT
+#: in the small-data regime (a default search costs about 0.35 of an all-blocks fine-tune there, the fine-tune
+#: of its selection up to about 1: room for about 1.5 searches' worth, not for 2 or 3).
+DEFAULT_VARIANTS = ("default", "alpha-lr-5x", "val-batches-2", "long-18")
 #: A variant qualifies as a default when its selections agree beyond chance and its pipeline stays this cheap.
 MAX_PIPELINE_FT = 1.5
 SIGNIFICANCE = 0.05
@@ -278,7 +284,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-size", type=int, default=None, help="validation examples")
     parser.add_argument("--test-size", type=int, default=None, help="test examples")
     parser.add_argument("--seeds", type=int, default=5, help="seeds (default 5)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated from {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated from {', '.join(VARIANTS)} (default: {', '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--finetune", default="auto",
                         help="variants whose selections are fine-tuned (phase 2), comma-separated; 'auto': the "
                              "cheapest that qualifies; 'none' (phase 1 only, no --baseline needed)")

@@ -134,7 +134,8 @@ class BlockLayout:
         return self.path.rsplit(".", 1)[-1]
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
+    """Whether `module` is a dense projection LoRA can adapt (`nn.Linear`, or GPT-2's `Conv1D`)."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
@@ -152,7 +153,7 @@ def find_blocks(model: nn.Module) -> BlockLayout:
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        if not any(_is_linear(m) for m in module[0].modules()):
+        if not any(is_linear(m) for m in module[0].modules()):
             continue
         if best is None or len(module) > len(best[1]):
             best = (name, module)
@@ -164,7 +165,7 @@ def find_blocks(model: nn.Module) -> BlockLayout:
         )
     path, blocks = best
     linear_names = sorted(
-        {name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules() if name and _is_linear(m)}
+        {name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules() if name and is_linear(m)}
     )
     targets = next(
         (group for group in _PREFERRED_TARGETS if all(t in linear_names for t in group)), tuple(linear_names)

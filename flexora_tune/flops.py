@@ -42,7 +42,7 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .blocks import BlockLayout
+from .blocks import BlockLayout, is_linear
 from .objective import batches, encode, encode_choices
 from .tasks import Example, TaskKind
 
@@ -77,10 +77,6 @@ def batch_tokens(batch: Any) -> TokenCount:
     else:
         answers = rows
     return TokenCount(rows, width, answers)
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def attention_width(config: Any) -> int:
@@ -130,7 +126,7 @@ class FlopModel:
         trainable = [0] * layout.num_blocks
         head_frozen = head_trainable = output = 0
         for name, module in root.named_modules():
-            if not _is_linear(module) or "original_module" in name.split("."):
+            if not is_linear(module) or "original_module" in name.split("."):
                 continue
             weights, grad = module.weight.numel(), module.weight.requires_grad
             match = block_re.match(name)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from ray import tune
 from ray.tune.search import Searcher
+from searcher_drive import drain
 
 from flexora_tune import ProbeSearcher, trainable
 from flexora_tune.blocks import top_k_blocks
@@ -24,18 +25,6 @@ L = len(SCORES)
 def probe_report(blocks=(1, 3), scores=SCORES, final=True):
     return {"stage": "probe", "strategy": "lora-norm", "seed": 0, "blocks": ",".join(map(str, blocks)),
             "num_blocks_total": len(scores), PROBE_SCORES: list(scores), "final": final, "val_accuracy": -math.inf}
-
-
-def drain(searcher, prefix="f"):
-    configs = []
-    for i in range(50):
-        config = searcher.suggest(f"{prefix}{i}")
-        if config == Searcher.FINISHED:
-            return configs
-        assert config is not None
-        configs.append(config)
-        searcher.on_trial_complete(f"{prefix}{i}", result={"val_accuracy": 0.5, "final": True})
-    raise AssertionError("searcher never finished")
 
 
 def blocks_of(config):

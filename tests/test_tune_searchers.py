@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 from ray.tune.search import Searcher
+from searcher_drive import drain
 
 from flexora_tune.blocks import parse_blocks
 from flexora_tune.blocks import top_k_blocks as top_k
@@ -32,19 +33,6 @@ def search_result(blocks, alpha=None, final=True):
 
 def blocks_of(config):
     return decode_layers(config["layers"]).blocks
-
-
-def drain(searcher, prefix="t"):
-    """Suggest until FINISHED, completing each trial with a metric; returns the configs."""
-    configs = []
-    for i in range(100):
-        config = searcher.suggest(f"{prefix}{i}")
-        if config == Searcher.FINISHED:
-            return configs
-        assert config is not None
-        configs.append(config)
-        searcher.on_trial_complete(f"{prefix}{i}", result={"val_accuracy": 0.5, "final": True})
-    raise AssertionError("searcher never finished")
 
 
 def test_encoding_round_trip_and_both_forms():
