@@ -180,14 +180,17 @@ def paired_tables(trials: Any, references: tuple[str, ...] = PAIRED_REFERENCES, 
     from flexora_tune.report import best_per_seed, paired_verdicts
 
     per_seed = best_per_seed(trials, metric, mode)
-    rows = []
+    order = {s: i for i, s in enumerate(_strategies(trials))}
+    rows, shown = [], set()
     for reference in references:
-        if reference not in set(trials["strategy"]):
+        if reference not in order:
             continue
-        table = paired_verdicts(per_seed, mode, reference=reference)
-        for r in table.to_dict("records"):
-            if r["strategy"] != reference:
-                rows.append({k: (None if k == "n_pairs" and r[k] is None else r[k]) for k in r})
+        table = paired_verdicts(per_seed, mode, reference=reference).to_dict("records")
+        for r in sorted(table, key=lambda r: order.get(r["strategy"], len(order))):
+            pair = frozenset((r["strategy"], reference))
+            if r["strategy"] != reference and pair not in shown:  # each pair once, against the first reference
+                shown.add(pair)
+                rows.append(r)
     return rows
 
 

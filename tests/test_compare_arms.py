@@ -102,3 +102,13 @@ def test_budget_is_checked_before_anything_runs(tmp_path, capsys):
         with pytest.raises(ValueError, match="budget must be a positive number of fine-tune equivalents"):
             compare(out=tmp_path / "c", budget=bad)
     assert not (tmp_path / "c").exists()
+
+
+def test_searches_is_checked_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--searches", "0", "--out", str(tmp_path / "c")])
+    assert "--searches" in capsys.readouterr().err
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="searches must be a positive int"):
+            compare(out=tmp_path / "c", searches=bad)
+    assert not (tmp_path / "c").exists()

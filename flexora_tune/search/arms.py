@@ -82,8 +82,7 @@ def comparison_arms(
 
     k is `k`, else the size Flexora selects for that seed (a `Deferred` arm, released by the search; half the
     blocks if that search fails; its first search when there are several), else half the blocks when Flexora is
-    not compared. Every arm fine-tunes with
-    its seed, so seed s of every strategy sees the same data order.
+    not compared. Every arm fine-tunes with its seed, so seed s of every strategy sees the same data order.
     """
     strategies = list(strategies)
     unknown = sorted(set(strategies) - set(ARM_STRATEGIES))
