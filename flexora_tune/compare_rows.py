@@ -32,7 +32,7 @@ UNMEASURED_STAGES = ("search", PROBE_STAGE)
 def arm_of(config: dict[str, Any], metrics: dict[str, Any]) -> tuple[str, str, int]:
     """(arm, strategy, seed) of a trial: from its config's arm (``"random_seed0"``), else (a trial run outside
     a comparison) from what it reported."""
-    from .search.arms import arm_name, parse_arm
+    from .search.multiplex import arm_name, parse_arm
 
     name = config.get(ARM) or metrics.get(ARM)
     if isinstance(name, str) and name:

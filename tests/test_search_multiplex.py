@@ -206,3 +206,24 @@ def test_save_and_restore_continue_the_whole_comparison(tmp_path):
     assert arms == ["flexora_seed0", "flexora_seed0", "random_seed0", "random_seed0"]  # each planned trial once
     assert {len(decode_layers(c["layers"])) for c in configs if c["arm"] == "random_seed0"} == {3}
     assert restored.spent("flexora_seed0")["flops"] == 10.0 + 2 * 100.0
+
+
+def test_seeds_complete_one_after_another_when_slots_are_scarce():
+    arms = {f"{s}_seed{seed}": Recorder(2, s, seed) for seed in (1, 0) for s in ("x", "y")}
+    searcher = ArmsSearcher(arms)
+    order = []
+    for i in range(8):
+        config = searcher.suggest(f"t{i}")
+        order.append(config["arm"])
+        searcher.on_trial_complete(f"t{i}", result=done())
+    assert order == ["x_seed0", "y_seed0", "x_seed0", "y_seed0", "x_seed1", "y_seed1", "x_seed1", "y_seed1"]
+    assert searcher.suggest("t8") == Searcher.FINISHED
+
+
+def test_a_multiplexer_pickled_before_seed_order_restores_and_orders_by_seed():
+    searcher = ArmsSearcher({"a_seed1": Recorder(1, "a", 1), "a_seed0": Recorder(1, "a", 0)})
+    state = pickle.loads(pickle.dumps(searcher.__dict__))
+    state.pop("_seed_rank", None)  # an earlier version kept no seed order
+    restored = ArmsSearcher.__new__(ArmsSearcher)
+    restored.__dict__.update(state)
+    assert restored.suggest("t0")["arm"] == "a_seed0"

@@ -2,10 +2,10 @@
 Flexora, uniform random subsets, TPE (an Optuna study driven by ask/tell) and static rules; and `ArmsSearcher`,
 which runs many of them (the arms of a comparison) as one Tune experiment."""
 
-from .arms import ARM_STRATEGIES, arm_name, comparison_arms, parse_arm, planned_finetunes
+from .arms import ARM_STRATEGIES, comparison_arms, planned_finetunes
 from .encoding import decode_layers, encode_layers, layer_key, num_blocks_of, selection_from_config
 from .flexora import FlexoraSearcher
-from .multiplex import ArmBudgetStopper, ArmsSearcher, Deferred, arm_of_result
+from .multiplex import ArmBudgetStopper, ArmsSearcher, Deferred, arm_name, arm_of_result, parse_arm
 from .probe import ProbeSearcher
 from .random_subsets import RandomLayerSearcher
 from .static import StaticLayerSearcher

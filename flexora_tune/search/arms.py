@@ -11,7 +11,7 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from .flexora import FlexoraSearcher
-from .multiplex import Deferred
+from .multiplex import Deferred, arm_name
 from .probe import ProbeSearcher
 from .random_subsets import RandomLayerSearcher
 from .static import StaticLayerSearcher
@@ -26,19 +26,6 @@ SIZED = ("random", "tpe", "first-k", "last-k", *PROBE_STRATEGIES)
 #: Seed step between the searches of one Flexora arm (`search_seeds`).
 SEARCH_SEED_STRIDE = 1000
 _STATIC_RULES = {"all": "all", "first-k": "first", "last-k": "last"}
-
-
-def arm_name(strategy: str, seed: int) -> str:
-    """``"<strategy>_seed<seed>"``: the name of an arm, its ``config["arm"]`` and its old experiment's name."""
-    return f"{strategy}_seed{seed}"
-
-
-def parse_arm(name: str) -> tuple[str, int]:
-    """(strategy, seed) of an `arm_name`."""
-    strategy, sep, seed = name.rpartition("_seed")
-    if not sep or not strategy or not seed.isdigit():
-        raise ValueError(f"not an arm name like 'random_seed0': {name!r}")
-    return strategy, int(seed)
 
 
 def planned_finetunes(strategy: str, trials: int) -> int:

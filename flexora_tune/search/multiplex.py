@@ -27,6 +27,19 @@ logger = logging.getLogger(__name__)
 COMPUTE_S = "compute_s"
 
 
+def arm_name(strategy: str, seed: int) -> str:
+    """``"<strategy>_seed<seed>"``: the name of an arm, its ``config["arm"]`` and its old experiment's name."""
+    return f"{strategy}_seed{seed}"
+
+
+def parse_arm(name: str) -> tuple[str, int]:
+    """(strategy, seed) of an `arm_name`."""
+    strategy, sep, seed = name.rpartition("_seed")
+    if not sep or not strategy or not seed.isdigit():
+        raise ValueError(f"not an arm name like 'random_seed0': {name!r}")
+    return strategy, int(seed)
+
+
 @dataclass(frozen=True)
 class Deferred:
     """An arm whose searcher needs the subset size k that the Flexora arm `after` selects: ``factory(k=k)`` is
@@ -63,8 +76,11 @@ class ArmsSearcher(PickledState, Searcher):
     """One searcher for many independent arms: `arms` maps an arm's name (e.g. ``"random_seed0"``) to its
     searcher, or to a `Deferred` one.
 
-    - `suggest` asks the built, unfinished arms, least-served first (ties in the order given), and tags the
-      config with ``config["arm"] = name`` (`results.ARM`; the arm's searcher already sets strategy and seed).
+    - `suggest` asks the built, unfinished arms of the earliest seed first (arms named by `arm_name`; others
+      count as one seed), least-served first within a seed (ties in the order given), and tags the config with
+      ``config["arm"] = name`` (`results.ARM`; the arm's searcher already sets strategy and seed). When slots
+      are scarce, seeds thus complete one after another, so a comparison cut short (Ctrl-C, a budget, a lost
+      driver) holds whole seeds that pair across strategies, not one trial of every arm.
       It returns None while some arm is waiting (a Flexora arm for its search, a deferred arm for its k) and
       `FINISHED` once every arm has returned `FINISHED` (or spent its budget).
     - Results and completions go to the arm that suggested the trial, found by trial id, else by the result's
@@ -185,13 +201,26 @@ class ArmsSearcher(PickledState, Searcher):
                   if t.status in LIVE_STATUSES)
         return sum(1 for owner in owners if owner in self._served and (name is None or owner == name))
 
+    def _seed_ranks(self) -> dict[str, int]:
+        """Each arm's seed rank (0 for the smallest seed; names that are not `arm_name`s all rank 0), computed
+        here rather than stored, so a multiplexer pickled by an earlier version restores unchanged."""
+        seeds = {}
+        for name in self._order:
+            try:
+                seeds[name] = parse_arm(name)[1]
+            except ValueError:
+                seeds[name] = 0
+        ranks = {seed: rank for rank, seed in enumerate(sorted(set(seeds.values())))}
+        return {name: ranks[seed] for name, seed in seeds.items()}
+
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         self._release()
         if self._max_concurrent is not None and self._live() >= self._max_concurrent:
             return None
         while True:
             ready = [n for n in self._order if n in self._arms and n not in self._finished]
-            for name in sorted(ready, key=lambda n: self._served[n]):
+            ranks = self._seed_ranks()
+            for name in sorted(ready, key=lambda n: (ranks[n], self._served[n])):
                 if self.over_budget(name):
                     logger.info("arm %s reached its budget (%s); it gets no new trial", name, self.spent(name))
                     self._finished.add(name)
@@ -299,3 +328,4 @@ class ArmBudgetStopper(Stopper):
 
     def stop_all(self) -> bool:
         return False
+
