@@ -173,6 +173,16 @@ def analyse(trials: Any, metric: str = "val_accuracy", mode: str = "max") -> tup
     return seed_rows, summary
 
 
+def complete_seeds(trials: Any) -> tuple[Any, list[int]]:
+    """The trials of the seeds where every strategy of the table finished a fine-tune, and the other seeds (a
+    run stopped early: their strategies would not pair, and a mean over them would mix seeds)."""
+    finetunes = trials[(trials["stage"] == "finetune") & (trials["status"] != "ERROR")]
+    strategies = set(trials["strategy"])
+    seeds = sorted({int(s) for s in trials["seed"]})
+    dropped = [s for s in seeds if set(finetunes.loc[finetunes["seed"] == s, "strategy"]) != strategies]
+    return trials[~trials["seed"].isin(dropped)], dropped
+
+
 def paired_tables(trials: Any, references: tuple[str, ...] = PAIRED_REFERENCES, metric: str = "val_accuracy",
                   mode: str = "max") -> list[dict[str, Any]]:
     """Each strategy against each reference that ran: compare's paired verdicts (test and validation accuracy
@@ -239,6 +249,14 @@ def _interval(mean: Any, lo: Any, hi: Any) -> str:
     return f"{mean:+.3f} [{fmt(lo, 3)}, {fmt(hi, 3)}]"
 
 
+def _dropped(meta: dict[str, Any]) -> str:
+    dropped = meta.get("dropped_seeds")
+    if not dropped:
+        return ""
+    return (f" (seeds {', '.join(map(str, dropped))} left out: the run was stopped before every strategy had "
+            "finished a fine-tune there; the tables are over the complete seeds)")
+
+
 def write_markdown(path: Path, summary: list[dict[str, Any]], paired: list[dict[str, Any]],
                    correlations: list[dict[str, Any]], info: dict[str, Any], command: str, load: dict[str, float],
                    meta: dict[str, Any], out: Path) -> None:
@@ -253,7 +271,8 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], paired: list[dict[
     text = header_markdown("Quality per compute: Flexora against the baselines", info, command, load)
     text += (
         f"- Model `{meta.get('model')}`, task `{json.dumps(meta.get('task'))}`; strategies "
-        f"{', '.join(meta.get('strategies', []))}; {meta.get('seeds')} seeds; {meta.get('trials')} fine-tune(s) per "
+        f"{', '.join(meta.get('strategies', []))}; {meta.get('seeds')} seeds planned"
+        f"{_dropped(meta)}; {meta.get('trials')} fine-tune(s) per "
         f"strategy and seed (Flexora and the probes: plus their search or probe trial); budget "
         f"{meta.get('budget') or 'none'} ft; settings `{json.dumps(meta.get('settings'))}`\n"
         f"- compare's folder: `{shown}` (trials.csv, summary.csv, summary.md, plots)\n\n"
@@ -279,7 +298,7 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], paired: list[dict[
     if correlations:
         text += ("\n\n## Probe rankings against Flexora's alpha\n\nSpearman's rank correlation, per seed, of each "
                  "probe's block scores with the final alpha of the same seed's Flexora search (1: same order; 0: "
-                 "unrelated).\n\n")
+                 "unrelated); every seed whose search and probe finished, complete or not.\n\n")
         from flexora_tune.report import mean_confidence_interval
 
         probes = sorted({c["strategy"] for c in correlations})
@@ -374,10 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else {}
     info = run.get("machine") or machine_info()
     command, load_summary = run.get("command") or meta.get("command", ""), run.get("load")
-    trials = read_trials(out)
+    everything = read_trials(out)
+    trials, dropped = complete_seeds(everything)
+    if dropped:
+        meta["dropped_seeds"] = dropped
+        print(f"[quality_per_compute] left out seeds {dropped}: not every strategy finished a fine-tune there "
+              "(the run was stopped before them)", flush=True)
     seed_rows, summary = analyse(trials, meta.get("metric", "val_accuracy"), meta.get("mode", "max"))
     paired = paired_tables(trials, metric=meta.get("metric", "val_accuracy"), mode=meta.get("mode", "max"))
-    correlations = probe_correlations(trials)
+    correlations = probe_correlations(everything)  # needs only the searches and probes, which every seed has
     for directory in {out, RESULTS}:
         directory.mkdir(parents=True, exist_ok=True)
         write_csv(directory / f"{name}.csv", summary)
