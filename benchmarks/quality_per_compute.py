@@ -275,7 +275,8 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], paired: list[dict[
         f"{_dropped(meta)}; {meta.get('trials')} fine-tune(s) per "
         f"strategy and seed (Flexora and the probes: plus their search or probe trial); budget "
         f"{meta.get('budget') or 'none'} ft; settings `{json.dumps(meta.get('settings'))}`\n"
-        f"- compare's folder: `{shown}` (trials.csv, summary.csv, summary.md, plots)\n\n"
+        f"- compare's folder: `{shown}` (trials.csv, summary.csv, summary.md, plots)\n"
+        + (f"- How it ran: {meta['run_note']}\n" if meta.get("run_note") else "") + "\n"
         "Mean [min, max] over seeds of each seed's best fine-tune by validation accuracy, and the test accuracy "
         "of that same trial. Compute is in *fine-tune equivalents* (ft): estimated training FLOPs over one "
         "all-blocks fine-tune of the same seed, searches and probes included, a number other load cannot move. "
@@ -393,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else {}
     info = run.get("machine") or machine_info()
     command, load_summary = run.get("command") or meta.get("command", ""), run.get("load")
+    if run.get("note"):
+        meta["run_note"] = run["note"]
     everything = read_trials(out)
     trials, dropped = complete_seeds(everything)
     if dropped:
