@@ -201,26 +201,13 @@ class ArmsSearcher(PickledState, Searcher):
                   if t.status in LIVE_STATUSES)
         return sum(1 for owner in owners if owner in self._served and (name is None or owner == name))
 
-    def _seed_ranks(self) -> dict[str, int]:
-        """Each arm's seed rank (0 for the smallest seed; names that are not `arm_name`s all rank 0), computed
-        here rather than stored, so a multiplexer pickled by an earlier version restores unchanged."""
-        seeds = {}
-        for name in self._order:
-            try:
-                seeds[name] = parse_arm(name)[1]
-            except ValueError:
-                seeds[name] = 0
-        ranks = {seed: rank for rank, seed in enumerate(sorted(set(seeds.values())))}
-        return {name: ranks[seed] for name, seed in seeds.items()}
-
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         self._release()
         if self._max_concurrent is not None and self._live() >= self._max_concurrent:
             return None
         while True:
             ready = [n for n in self._order if n in self._arms and n not in self._finished]
-            ranks = self._seed_ranks()
-            for name in sorted(ready, key=lambda n: (ranks[n], self._served[n])):
+            for name in sorted(ready, key=lambda n: (_arm_seed(n), self._served[n])):
                 if self.over_budget(name):
                     logger.info("arm %s reached its budget (%s); it gets no new trial", name, self.spent(name))
                     self._finished.add(name)
@@ -329,3 +316,11 @@ class ArmBudgetStopper(Stopper):
     def stop_all(self) -> bool:
         return False
 
+
+def _arm_seed(name: str) -> int:
+    """The seed of an `arm_name` (0 for other names), for `ArmsSearcher.suggest`'s seed-first order; derived
+    from the name, so a multiplexer pickled by an earlier version restores unchanged."""
+    try:
+        return parse_arm(name)[1]
+    except ValueError:
+        return 0
