@@ -4,9 +4,10 @@ Variants (search settings over the defaults):
 
 - ``default``: the default search (12 steps in the small-data regime, 1 search-validation batch per gate step,
   alpha_lr 0.01, stop-when-stable 4);
-- ``val-batches-4``: 4 search-validation batches per gate step (a less noisy hypergradient);
+- ``val-batches-2``, ``val-batches-4``: 2 or 4 search-validation batches per gate step (a less noisy
+  hypergradient);
 - ``alpha-lr-5x``: alpha_lr 0.05;
-- ``long-36``: up to 36 steps, still ended by stop-when-stable;
+- ``long-18``, ``long-36``: up to 18 or 36 steps, still ended by stop-when-stable;
 - ``consensus-3``: three default searches per seed (seeds s, s + 1000, s + 2000), their majority vote.
 
 Phase 1, every variant: its searches, run in this process through the same trial config the Tune trainable
@@ -21,7 +22,9 @@ p < 0.05 and a pipeline of at most 1.5 fine-tune equivalents on every seed): one
 `flexora_tune.compare.compare` of ``flexora`` and ``random`` (k = that seed's Flexora size), one fine-tune per
 seed, and the paired test- and validation-accuracy differences against random-k and against all blocks (the
 all-blocks fine-tunes of `--baseline`, a comparison of flexora, random and all with the same task, settings
-and seeds; its flexora and random rows are the default variant's phase 2).
+and seeds; its flexora and random rows are the default variant's phase 2). With `--rule last-k` (or first-k),
+also against that static rule at the same k: one fine-tune per seed and k, run in this process through the
+trial's own config parsing and cached under `--out`.
 
     .venv/bin/python benchmarks/search_signal.py --seeds 5 --cpus-per-trial 2 --max-length 48 --val-size 150 \\
         --test-size 300 --set max_train_examples=96 --set epochs=5 --set lr=5e-3 --set eval_every=1000000 \\
@@ -54,6 +57,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 from quality_per_compute import _tiny, build_settings, parse_setting, pd_numeric  # noqa: E402
+from selection_vs_rules import RULES  # noqa: E402
 
 #: name -> (search settings over the defaults, searches per seed)
 VARIANTS: dict[str, tuple[dict[str, Any], int]] = {
@@ -213,6 +217,9 @@ def phase2(variant: str, trials: Any, all_rows: Any, seeds: int) -> dict[str, An
         "variant": variant, "finetuned_seeds": len(flexora),
         "flexora_test_mean": float(pd.Series([chosen[("flexora", s)].test_accuracy for s in flexora]).mean()),
         "finetuned_selections": "; ".join(str(chosen[("flexora", s)].blocks) for s in flexora),
+        "flexora_seeds": flexora,
+        "flexora_val_per_seed": [float(chosen[("flexora", s)].val_accuracy) for s in flexora],
+        "flexora_test_per_seed": [float(chosen[("flexora", s)].test_accuracy) for s in flexora],
     }
     for reference in ("random", "all"):
         for metric, column in (("test", "test_accuracy"), ("val", "val_accuracy")):
@@ -223,10 +230,48 @@ def phase2(variant: str, trials: Any, all_rows: Any, seeds: int) -> dict[str, An
     return row
 
 
+def rule_accuracies(rule: str, seeds: list[int], selections: str, model: str, task: Any, settings: dict[str, Any],
+                    num_blocks: int, cache: Path) -> dict[int, dict[str, float]]:
+    """Per seed, the fine-tune of `rule`'s blocks at the size of that seed's selection (`selections`: one
+    subset per seed of `seeds`, in that order): its validation and test accuracy, cached in `cache`."""
+    from flexora_tune.finetune import finetune
+    from flexora_tune.tune_trainable import parse_config
+
+    out = {}
+    for seed, subset in zip(seeds, _subsets(selections), strict=True):
+        blocks = sorted(RULES[rule](len(subset), num_blocks))
+        path = cache / f"seed{seed}_k{len(subset)}.json"
+        if not path.exists():
+            ft = parse_config({"model": model, "task": task, "seed": seed, "blocks": blocks, **settings},
+                              num_blocks=num_blocks)
+            result = finetune(ft.model, ft.task, ft.selection, seed, **ft.settings)
+            cache.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"seed": seed, "blocks": blocks, "val_accuracy": result.val_accuracy,
+                                        "test_accuracy": result.test_accuracy, "compute_s": result.compute_s}))
+            print(f"[search_signal] {rule} seed {seed} k {len(subset)}: test {result.test_accuracy:.3f} "
+                  f"({result.compute_s:.0f}s)", flush=True)
+        out[seed] = json.loads(path.read_text())
+    return out
+
+
+def add_rule(row: dict[str, Any], rule: str, reference: dict[int, dict[str, float]]) -> None:
+    """Paired differences of the phase-2 row's Flexora fine-tunes (its `flexora_seeds`) from the rule's, into `row`
+    as ``<metric>_vs_<rule>_*``."""
+    for metric in ("test", "val"):
+        diffs = [mine - reference[s][f"{metric}_accuracy"]
+                 for s, mine in zip(row["flexora_seeds"], row[f"flexora_{metric}_per_seed"], strict=True)]
+        for key, value in _paired(diffs).items():
+            row[f"{metric}_vs_{rule}_{key}"] = value
+
+
 def _subsets(text: str) -> list[frozenset[int]]:
     from flexora_tune.blocks import parse_blocks
 
     return [frozenset(parse_blocks(part.strip()) or ()) for part in text.split(";") if part.strip()]
+
+
+def _same_label(same: bool | None) -> str:
+    return "not searched here" if same is None else "yes" if same else "NO"
 
 
 def _diff(row: dict[str, Any], metric: str, reference: str) -> str:
@@ -266,12 +311,15 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], tuned: list[dict[str,
         text += ("\n## Phase 2: the fine-tunes\n\nFlexora's fine-tune of that subset, one per seed, against "
                  "random-k (same seed, same k) and all blocks (same seed): the paired difference (Flexora minus "
                  "the reference), mean and 95% t interval over seeds, and the verdict at 95%.\n\n")
+        rules = [args.rule] if args.rule else []
         text += markdown_table(
             ["variant", "seeds", "subsets as in phase 1", "Flexora test acc", "Δ test vs random-k", "Δ test vs all",
-             "Δ val vs random-k", "Δ val vs all"],
-            [[t["variant"], t["finetuned_seeds"], "yes" if t["same_subsets_as_phase1"] else "NO",
+             *[f"Δ test vs {r}" for r in rules], "Δ val vs random-k", "Δ val vs all",
+             *[f"Δ val vs {r}" for r in rules]],
+            [[t["variant"], t["finetuned_seeds"], _same_label(t["same_subsets_as_phase1"]),
               fmt(t["flexora_test_mean"], 3), _diff(t, "test", "random"), _diff(t, "test", "all"),
-              _diff(t, "val", "random"), _diff(t, "val", "all")] for t in tuned])
+              *[_diff(t, "test", r) for r in rules], _diff(t, "val", "random"), _diff(t, "val", "all"),
+              *[_diff(t, "val", r) for r in rules]] for t in tuned])
         text += "\n"
     path.write_text(text)
 
@@ -297,6 +345,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "seeds: the default variant's searches and fine-tunes, and the all-blocks reference")
     parser.add_argument("--out", type=Path, default=None, help="folder of the searches and comparisons "
                         "(default results/<name>)")
+    parser.add_argument("--rule", choices=sorted(RULES), default=None,
+                        help="also compare each phase-2 variant with this static rule at the same k (one fine-tune "
+                             "per seed)")
     parser.add_argument("--name", default=None, help="result stem (default search_signal_<task>)")
     return parser.parse_args(argv)
 
@@ -356,8 +407,14 @@ def main(argv: list[str] | None = None) -> int:
                 tuned.append(phase2(variant, trials, all_rows, args.seeds))
         by_variant = {r["variant"]: r for r in rows}
         for t in tuned:
-            planned = by_variant.get(t["variant"], {}).get("selections", "")
-            t["same_subsets_as_phase1"] = _subsets(planned) == _subsets(t["finetuned_selections"])
+            planned = by_variant.get(t["variant"])
+            t["same_subsets_as_phase1"] = (None if planned is None
+                                           else _subsets(planned["selections"]) == _subsets(t["finetuned_selections"]))
+            if args.rule:
+                num_blocks = int(pd_numeric(base["num_blocks_total"]).dropna().iloc[0])
+                reference = rule_accuracies(args.rule, t["flexora_seeds"], t["finetuned_selections"], model, task,
+                                            settings, num_blocks, out / "rules" / args.rule)
+                add_rule(t, args.rule, reference)
     load.stop()
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_csv(RESULTS / f"{name}.csv", rows)
