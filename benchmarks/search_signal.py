@@ -321,6 +321,11 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], tuned: list[dict[str,
               *[_diff(t, "test", r) for r in rules], _diff(t, "val", "random"), _diff(t, "val", "all"),
               *[_diff(t, "val", r) for r in rules]] for t in tuned])
         text += "\n"
+        several = [t["variant"] for t in tuned if VARIANTS[t["variant"]][1] > 1]
+        if several:
+            text += (f"\n{', '.join(several)}: `compare` sizes random-k by the seed's first search (it does not wait "
+                     "for the consensus), so where the consensus's size differs its random-k is not of the same k; "
+                     "the rule column, sized by the fine-tuned subset, is.\n")
     path.write_text(text)
 
 
