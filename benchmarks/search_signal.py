@@ -411,12 +411,12 @@ def main(argv: list[str] | None = None) -> int:
                                      storage)
                 tuned.append(phase2(variant, trials, all_rows, args.seeds))
         by_variant = {r["variant"]: r for r in rows}
+        num_blocks = int(pd_numeric(base["num_blocks_total"]).dropna().iloc[0]) if tuned else 0
         for t in tuned:
             planned = by_variant.get(t["variant"])
             t["same_subsets_as_phase1"] = (None if planned is None
                                            else _subsets(planned["selections"]) == _subsets(t["finetuned_selections"]))
             if args.rule:
-                num_blocks = int(pd_numeric(base["num_blocks_total"]).dropna().iloc[0])
                 reference = rule_accuracies(args.rule, t["flexora_seeds"], t["finetuned_selections"], model, task,
                                             settings, num_blocks, out / "rules" / args.rule)
                 add_rule(t, args.rule, reference)

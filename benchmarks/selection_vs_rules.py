@@ -23,14 +23,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, fmt, markdown_table, write_csv  # noqa: E402
 
-from flexora_tune.stability import DRAWS, expected_jaccard, format_p  # noqa: E402
+from flexora_tune.blocks import parse_blocks  # noqa: E402
+from flexora_tune.stability import DRAWS, SEED, expected_jaccard, format_p  # noqa: E402
 
 #: rule name -> the k blocks it adapts in a model of n blocks (as `flexora_tune.search.static` picks them)
 RULES: dict[str, Callable[[int, int], frozenset[int]]] = {
     "last-k": lambda k, n: frozenset(range(n - k, n)),
     "first-k": lambda k, n: frozenset(range(k)),
 }
-SEED = 0
 
 
 def jaccard(a: frozenset[int], b: frozenset[int]) -> float:
@@ -65,7 +65,7 @@ def rows_for(task: str, num_blocks: int) -> list[dict[str, Any]]:
     rows = []
     with path.open() as handle:
         for record in csv.DictReader(handle):
-            selections = [frozenset(int(b) for b in part.split(",") if b.strip())
+            selections = [frozenset(parse_blocks(part) or ())
                           for part in record["selections"].split(";") if part.strip()]
             for name, rule in RULES.items():
                 rows.append({"task": task, "variant": record["variant"], "rule": name, "seeds": len(selections),
